@@ -1,0 +1,75 @@
+"""Every field of a simclr_jax run, with its meaning; recipe configs override a few of them.
+
+Run:  python -m simclr_jax.train --config=configs/default.py --workdir=/tmp/simclr
+Recipes (`configs/*.py`) start from `get_config()` here and state their command and result.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # --- Data ------------------------------------------------------------------------------
+    # A TFDS image-classification dataset name (fashion_mnist, cifar10, stl10, imagenet2012, ...)
+    # or "image_folder" for the user's images under `dataset_dir/SPLIT/LABEL/*.png|jpg`.
+    config.dataset = "fashion_mnist"
+    config.dataset_dir = ""  # root of an image folder; only with dataset="image_folder"
+    config.data_dir = ""  # TFDS data directory; "" = TFDS default (TFDS_DATA_DIR or ~/...)
+    config.train_split = "train"  # pretraining split (stl10: "unlabelled")
+    config.probe_train_split = "train"  # labelled split the linear probe and kNN are fit on
+    config.eval_split = "test"  # split every accuracy is reported on
+    config.image_size = 0  # side of the training views; 0 = the dataset's own side
+    config.eval_center_crop = 0.0  # eval centre-crop fraction (ImageNet 0.875); 0 = none
+    config.cache = True  # keep decoded images in memory (small datasets only)
+    config.shuffle_buffer = 10_000
+
+    # --- Augmentation (SimCLR §3) ---------------------------------------------------------
+    config.augment = ml_collections.ConfigDict()
+    config.augment.crop_area_min = 0.08  # random resized crop: area fraction ~ U[min, 1]
+    config.augment.flip_prob = 0.5
+    config.augment.color_jitter_strength = 1.0  # s: 1.0 ImageNet, 0.5 CIFAR-10
+    config.augment.color_jitter_prob = 0.8
+    config.augment.grayscale_prob = 0.2
+    config.augment.blur_prob = 0.5  # 0 for 32 px datasets
+    config.augment.brightness_mode = "multiplicative"  # SimCLRv2/TF2; "additive" = v1
+
+    # --- Model (SimCLR §4) ------------------------------------------------------------------
+    config.model = ml_collections.ConfigDict()
+    config.model.depth = 50  # ResNet depth: 18, 34, 50, 101, 152, 200
+    config.model.width_multiplier = 1.0
+    config.model.base_width = 64  # channels of the first group before the multiplier
+    config.model.stem = "imagenet"  # "imagenet" (7x7/2 + max-pool) or "cifar" (3x3/1)
+    config.model.projection_layers = 2  # 2 = SimCLR v1, 3 = v2
+    config.model.projection_dim = 128
+    config.model.dtype = "float32"  # computation dtype of convolutions and dense layers
+
+    # --- Objective -------------------------------------------------------------------------
+    config.temperature = 0.1  # NT-Xent τ: 0.1 ImageNet, 0.5 CIFAR-10
+
+    # --- Optimisation (SimCLR §5) -----------------------------------------------------------
+    config.optimizer = "lars"  # "lars", "sgd" (Nesterov momentum) or "adamw"
+    config.base_learning_rate = 0.3
+    config.learning_rate_scaling = "linear"  # lr = base·B/256 ("linear") or base·√B ("sqrt")
+    config.weight_decay = 1e-6
+    config.momentum = 0.9
+    config.global_batch_size = 4096  # images per step over all devices (2 views each)
+    config.epochs = 100
+    config.warmup_epochs = 10
+    config.num_train_steps = -1  # > 0 overrides the step count derived from `epochs`
+
+    # --- Loop, logging, checkpoints ---------------------------------------------------------
+    config.seed = 0
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.eval_every_steps = 0  # > 0: kNN + online probe during training as well
+
+    # --- Evaluation ---------------------------------------------------------------------------
+    config.eval_batch_size = 1024
+    config.knn_k = 200
+    config.knn_temperature = 0.0  # > 0: votes weighted by exp(sim / T); 0 = majority vote
+    config.linear_probe_holdout_fraction = 0.1  # part of the train split that picks the ℓ2
+    config.compute_baselines = True  # raw-pixel and random-encoder linear probes
+
+    return config

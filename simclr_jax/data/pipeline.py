@@ -1,0 +1,217 @@
+"""tf.data input pipelines: endless, resumable SimCLR pretraining batches and one-pass evaluation.
+
+Each process reads its own slice of the split (see `sources`) and yields host batches of NumPy
+arrays, which the trainer assembles into global arrays. TensorFlow runs on the CPU only
+(importing `augment` hides every GPU from it).
+
+Pretraining stream (`pretrain_batches`): the slice is optionally cached, then read epoch after
+epoch, each epoch shuffled with its own seed, derived from (seed, process index, epoch). Each
+example is augmented with a seed derived from (seed, process index, the example's position in
+this process's endless stream), so the stream is a pure function of its arguments: thread
+scheduling cannot change it, and a stream started at step k skips the raw records before step k
+(at most one epoch of reading, no augmentation) and then yields exactly what a stream started at
+step 0 yields from its k-th batch on. The shuffle buffer bounds how far an epoch is mixed: with a
+buffer at least as large as the slice, each epoch is a uniform random permutation.
+
+Evaluation stream (`eval_batches`): one pass in order. Every process yields the same number of
+batches, `num_batches(ceil(num_examples / process_count), host_batch_size)`, padding its last
+batch(es) with masked rows (zero image, label -1, mask False), so processes stay in lock-step and
+every example is evaluated exactly once across processes.
+"""
+
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from simclr_jax.data.augment import AugmentConfig, eval_preprocess, simclr_views
+from simclr_jax.data.sources import (
+    UNLABELLED,
+    DatasetInfo,
+    dataset_info,
+    open_source,
+    prepare_dataset,
+)
+
+__all__ = [
+    "DatasetInfo",
+    "dataset_info",
+    "eval_batches",
+    "num_batches",
+    "prepare_dataset",
+    "pretrain_batches",
+]
+
+DEFAULT_SHUFFLE_BUFFER = 50_000
+# Sub-streams of randomness derived from the user's seed.
+_SHUFFLE_STREAM = 0
+_AUGMENT_STREAM = 1
+
+
+def num_batches(num_examples: int, batch_size: int) -> int:
+    """Batches needed to cover `num_examples` when the last batch may be partial (padded)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return -(-num_examples // batch_size)
+
+
+def pretrain_batches(
+    name: str,
+    split: str,
+    *,
+    host_batch_size: int,
+    augment_config: AugmentConfig,
+    seed: int,
+    start_step: int = 0,
+    data_dir: str | None = None,
+    dataset_dir: str | None = None,
+    cache: bool = True,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless batches `{"views": float32 [b, 2, S, S, C], "label": int32 [b]}` of this process.
+
+    `views[i]` are two independent SimCLR augmentations of one example (values in [0, 1]);
+    `label` is its class (-1 when unlabelled). Batches are full (`b = host_batch_size`); the
+    stream restarted with `start_step=k` continues exactly where step k of the original left
+    off. `cache` keeps the encoded slice in memory: right for small datasets, not ImageNet.
+    The process index and count default to JAX's.
+    """
+    if host_batch_size <= 0:
+        raise ValueError(f"host_batch_size must be positive, got {host_batch_size}")
+    if start_step < 0:
+        raise ValueError(f"start_step must be non-negative, got {start_step}")
+    if shuffle_buffer <= 0:
+        raise ValueError(f"shuffle_buffer must be positive, got {shuffle_buffer}")
+    process_index, process_count = _process(process_index, process_count)
+    source = open_source(
+        name,
+        split,
+        process_index=process_index,
+        process_count=process_count,
+        data_dir=data_dir,
+        dataset_dir=dataset_dir,
+    )
+    records = source.records.cache() if cache else source.records
+    slice_size = _slice_size(records, name, split)
+    if slice_size == 0:
+        raise ValueError(
+            f"Process {process_index}'s slice of split {split!r} of {name!r} is empty; "
+            "use fewer processes or a larger split."
+        )
+    start_position = start_step * host_batch_size
+    first_epoch, offset = divmod(start_position, slice_size)
+    process_key = tf.random.experimental.stateless_fold_in(
+        tf.constant([0, seed], tf.int64), process_index
+    )
+    shuffle_key = tf.random.experimental.stateless_fold_in(process_key, _SHUFFLE_STREAM)
+    augment_key = tf.random.experimental.stateless_fold_in(process_key, _AUGMENT_STREAM)
+    buffer_size = min(shuffle_buffer, slice_size)
+
+    def shuffled_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        epoch_key = tf.random.experimental.stateless_fold_in(shuffle_key, epoch)
+        epoch_seed = tf.random.stateless_uniform(
+            [], epoch_key, minval=None, maxval=None, dtype=tf.int64
+        )
+        return records.shuffle(buffer_size, seed=epoch_seed, reshuffle_each_iteration=False)
+
+    def augment(position: tf.Tensor, record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        example_key = tf.random.experimental.stateless_fold_in(augment_key, position)
+        image = source.decode_image(record["image"])
+        return {"views": simclr_views(image, example_key, augment_config), "label": record["label"]}
+
+    stream = (
+        tf.data.Dataset.counter(first_epoch)
+        .flat_map(shuffled_epoch)
+        .skip(offset)
+        .enumerate(start=start_position)
+        .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(host_batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    return stream.with_options(_deterministic_options()).as_numpy_iterator()
+
+
+def eval_batches(
+    name: str,
+    split: str,
+    *,
+    host_batch_size: int,
+    image_size: int,
+    center_crop_fraction: float | None = None,
+    data_dir: str | None = None,
+    dataset_dir: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass of `{"image": float32 [b, S, S, C], "label": int32 [b], "mask": bool [b]}`.
+
+    Examples come in split order, preprocessed by `augment.eval_preprocess`; rows with
+    `mask=False` are padding and must be ignored. Every process yields the same number of full
+    batches (see the module docstring), and each example of the split appears in exactly one
+    process's stream, exactly once.
+    """
+    if host_batch_size <= 0:
+        raise ValueError(f"host_batch_size must be positive, got {host_batch_size}")
+    process_index, process_count = _process(process_index, process_count)
+    source = open_source(
+        name,
+        split,
+        process_index=process_index,
+        process_count=process_count,
+        data_dir=data_dir,
+        dataset_dir=dataset_dir,
+    )
+    slice_size = _slice_size(source.records, name, split)
+    largest_slice = num_batches(source.info.num_examples, process_count)
+    if slice_size > largest_slice:
+        raise ValueError(
+            f"Split {split!r} of {name!r} has {source.info.num_examples} examples in its "
+            f"metadata, but this process's slice of it holds {slice_size} (more than "
+            f"{largest_slice}); the dataset's files and metadata disagree."
+        )
+    padded_size = num_batches(largest_slice, host_batch_size) * host_batch_size
+
+    def preprocess(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        image = eval_preprocess(
+            source.decode_image(record["image"]), image_size, center_crop_fraction
+        )
+        return {"image": image, "label": record["label"], "mask": tf.constant(True)}
+
+    examples = source.records.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    padding_row = {
+        "image": tf.zeros([image_size, image_size, source.info.image_shape[-1]], tf.float32),
+        "label": tf.constant(UNLABELLED, tf.int32),
+        "mask": tf.constant(False),
+    }
+    padding = tf.data.Dataset.from_tensors(padding_row).repeat(padded_size - slice_size)
+    stream = (
+        examples.concatenate(padding)
+        .batch(host_batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    return stream.with_options(_deterministic_options()).as_numpy_iterator()
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """The given process index and count, defaulting to JAX's."""
+    return (
+        jax.process_index() if process_index is None else process_index,
+        jax.process_count() if process_count is None else process_count,
+    )
+
+
+def _slice_size(records: tf.data.Dataset, name: str, split: str) -> int:
+    """Number of records in this process's slice, which sources always know."""
+    size = int(records.cardinality())
+    if size < 0:
+        raise ValueError(f"The size of this process's slice of {name!r} {split!r} is unknown.")
+    return size
+
+
+def _deterministic_options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    return options

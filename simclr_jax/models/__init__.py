@@ -1,0 +1,14 @@
+"""Flax models: ResNet encoders, the projection head, the online probe and the SimCLR network."""
+
+from simclr_jax.models.heads import LinearProbe, ProjectionHead
+from simclr_jax.models.resnet import ResNet, resnet_feature_dim
+from simclr_jax.models.simclr import SimCLR, simclr_resnet
+
+__all__ = [
+    "LinearProbe",
+    "ProjectionHead",
+    "ResNet",
+    "SimCLR",
+    "resnet_feature_dim",
+    "simclr_resnet",
+]

@@ -1,0 +1,95 @@
+"""Training progress: one line on the terminal, ``metrics.jsonl`` and TensorBoard event files.
+
+Only the first process writes; the others keep quiet so that a multi-host run logs once.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from typing import TextIO
+
+import jax
+import tensorflow as tf
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``"1h02m05s"``; ``65`` -> ``"1m05s"``; ``"?"`` when not finite."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class MetricsLog:
+    """Writes logged steps to ``WORKDIR/metrics.jsonl``, TensorBoard and the terminal.
+
+    Throughput is measured between consecutive :meth:`write` calls: ``images_per_s`` counts
+    augmented views (two per example), as the benchmarks do.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        total_steps: int,
+        steps_per_epoch: int,
+        global_batch_size: int,
+        stream: TextIO = sys.stdout,
+    ):
+        self._enabled = jax.process_index() == 0
+        self._total_steps = total_steps
+        self._steps_per_epoch = steps_per_epoch
+        self._views_per_step = 2 * global_batch_size
+        self._stream = stream
+        self._last: tuple[int, float] | None = None
+        if self._enabled:
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._summary = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def start(self, step: int) -> None:
+        """Marks the step from which throughput and ETA are measured (e.g. after a restore)."""
+        self._last = (step, time.perf_counter())
+
+    def write(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Logs ``metrics`` at ``step`` (steps completed); returns them with throughput added."""
+        now = time.perf_counter()
+        record = {"step": step, "epoch": step / self._steps_per_epoch, **metrics}
+        if self._last is not None and step > self._last[0]:
+            seconds_per_step = (now - self._last[1]) / (step - self._last[0])
+            record["images_per_s"] = self._views_per_step / seconds_per_step
+            record["eta_s"] = seconds_per_step * (self._total_steps - step)
+        self._last = (step, now)
+        if self._enabled:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+            with self._summary.as_default(step=step):
+                for name, value in record.items():
+                    if name != "step":
+                        tf.summary.scalar(name, value)
+            self._summary.flush()
+            print(self._progress_line(record), file=self._stream, flush=True)
+        return record
+
+    def _progress_line(self, record: dict[str, float]) -> str:
+        parts = [
+            f"step {record['step']}/{self._total_steps}",
+            f"epoch {record['epoch']:.2f}",
+            f"loss {record.get('loss', math.nan):.4f}",
+            f"contrastive_acc {record.get('contrastive_accuracy', math.nan):.3f}",
+            f"probe_acc {record.get('probe_accuracy', math.nan):.3f}",
+        ]
+        if "images_per_s" in record:
+            parts.append(f"{record['images_per_s']:.0f} img/s")
+            parts.append(f"ETA {format_duration(record['eta_s'])}")
+        return "  ".join(parts)
+
+    def close(self) -> None:
+        if self._enabled:
+            self._jsonl.close()
+            self._summary.close()

@@ -1,0 +1,169 @@
+"""The SimCLR training step: a pure function, and its ``jax.jit`` wrapper over a data mesh.
+
+A batch is ``{"views": [B, 2, H, W, C] float32, "label": [B] int32}``: each example's two
+augmented views side by side, so that a pair never straddles devices. The step flattens it to
+``[2B, H, W, C]`` with the views of image ``k`` at rows ``2k`` and ``2k + 1`` (the layout
+:func:`simclr_jax.losses.nt_xent` expects), runs the model in training mode, and optimises
+NT-Xent on ``z`` plus the online probe's cross-entropy on ``stop_gradient(h)``.
+
+``loss_and_gradients`` and ``train_step`` are pure: they see the global batch and know nothing of
+devices. ``jit_train_step`` compiles ``train_step`` for a mesh.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh
+
+from simclr_jax import losses, parallel
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(train_state.TrainState):
+    """Flax train state plus the batch-norm running statistics."""
+
+    batch_stats: Any
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    image_shape: tuple[int, int, int],
+) -> TrainState:
+    """Initialises ``model`` on an ``[1, H, W, C]`` input and wraps it with optimiser ``tx``."""
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))(key, dummy)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=tx,
+    )
+
+
+def flatten_views(views: jax.Array) -> jax.Array:
+    """``[B, 2, H, W, C]`` -> ``[2B, H, W, C]``, the two views of image k at rows 2k and 2k+1."""
+    return views.reshape((-1, *views.shape[2:]))
+
+
+def probe_loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy and top-1 accuracy of the probe over the labelled examples.
+
+    Examples labelled ``-1`` (unlabelled splits such as STL-10's) are left out; a batch without
+    any label gives zero loss and zero accuracy.
+    """
+    logits = logits.astype(jnp.float32)
+    labelled = labels >= 0
+    count = jnp.maximum(labelled.sum(), 1)
+    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+    correct = jnp.argmax(logits, axis=-1) == labels
+    return (cross_entropy * labelled).sum() / count, (correct & labelled).sum() / count
+
+
+def loss_and_gradients(
+    state: TrainState, batch: Batch, key: jax.Array, *, temperature: float
+) -> tuple[tuple[jax.Array, dict[str, Any]], Any]:
+    """``((loss, aux), grads)`` of the SimCLR objective at ``state.params`` on a (global) batch.
+
+    The loss is the paper-scale NT-Xent on ``z`` plus the probe's cross-entropy; the probe sees
+    ``stop_gradient(h)``, so neither term changes the other's parameters. ``aux`` holds the
+    model outputs, the updated batch-norm statistics and the two loss terms.
+    """
+    images = flatten_views(batch["views"])
+    labels = jnp.repeat(batch["label"], 2)
+
+    def loss_fn(params):
+        outputs, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": key},
+        )
+        contrastive_loss = losses.nt_xent(outputs["z"], temperature)
+        probe_loss, probe_accuracy = probe_loss_and_accuracy(outputs["logits"], labels)
+        aux = {
+            "outputs": outputs,
+            "batch_stats": updates["batch_stats"],
+            "contrastive_loss": contrastive_loss,
+            "probe_loss": probe_loss,
+            "probe_accuracy": probe_accuracy,
+        }
+        return contrastive_loss + probe_loss, aux
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    key: jax.Array,
+    *,
+    temperature: float,
+    learning_rate_fn: Callable[[jax.Array], jax.Array],
+) -> tuple[TrainState, Metrics]:
+    """One optimisation step on a (global) batch; returns the new state and scalar metrics.
+
+    ``key`` feeds the model's ``dropout`` RNG stream (unused by the standard SimCLR model); derive
+    it per step, e.g. ``jax.random.fold_in(base_key, step)``.
+    """
+    (loss, aux), grads = loss_and_gradients(state, batch, key, temperature=temperature)
+    new_state = state.apply_gradients(grads=grads, batch_stats=aux["batch_stats"])
+    metrics = {
+        "loss": loss,
+        "contrastive_loss": aux["contrastive_loss"],
+        **losses.contrastive_metrics(aux["outputs"]["z"], temperature),
+        "probe_loss": aux["probe_loss"],
+        "probe_accuracy": aux["probe_accuracy"],
+        "learning_rate": learning_rate_fn(state.step),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(new_state.params),
+    }
+    return new_state, metrics
+
+
+def jit_train_step(
+    mesh: Mesh,
+    *,
+    temperature: float,
+    learning_rate_fn: Callable[[jax.Array], jax.Array],
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+    """:func:`train_step` compiled for ``mesh``: state replicated and donated, batch sharded.
+
+    The global batch must split evenly over the mesh (see
+    :func:`simclr_jax.parallel.check_global_batch_size`). Batch-norm statistics and negatives are
+    global: the compiler inserts the cross-device reductions.
+    """
+    step = functools.partial(train_step, temperature=temperature, learning_rate_fn=learning_rate_fn)
+    replicated = parallel.replicated(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+def embed_step(state: TrainState, images: jax.Array) -> dict[str, jax.Array]:
+    """The model in inference mode (running BN statistics): ``h``, ``z`` and probe logits."""
+    return state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+    )
+
+
+def jit_embed_step(mesh: Mesh) -> Callable[[TrainState, jax.Array], dict[str, jax.Array]]:
+    """:func:`embed_step` compiled for ``mesh``: images sharded on axis 0, outputs likewise."""
+    return jax.jit(
+        embed_step,
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+        out_shardings=parallel.batch_sharded(mesh),
+    )

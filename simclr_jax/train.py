@@ -1,0 +1,51 @@
+"""Command line: ``python -m simclr_jax.train --config=configs/NAME.py --workdir=DIR``.
+
+With no arguments it pretrains and evaluates the embedded default (Fashion-MNIST,
+``configs/fashion_mnist.py``) into ``workdirs/fashion_mnist``. Any config field can be overridden,
+e.g. ``--config.global_batch_size=512``; the config is locked, so a misspelt field is an error.
+Rerunning the same command resumes from the latest checkpoint in the workdir.
+"""
+
+import os
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist.py"
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(DEFAULT_CONFIG), "Path to a config file (configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and results (default: workdirs/CONFIG)."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() first (multi-host runs; on Cloud TPU, SLURM or with "
+    "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID it needs no arguments).",
+)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    # TensorFlow only feeds data: keep it off accelerators and quiet before it is imported.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import jax
+
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+
+    from simclr_jax import trainer
+
+    config_path = flags.FLAGS["config"].config_filename
+    workdir = _WORKDIR.value or os.path.join("workdirs", Path(config_path).stem)
+    if jax.process_index() == 0:
+        print(f"config: {config_path}\nworkdir: {os.path.abspath(workdir)}", flush=True)
+    trainer.train_and_evaluate(_CONFIG.value, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

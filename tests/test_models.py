@@ -1,0 +1,450 @@
+"""Tests for simclr_jax.models: ResNet encoders, heads and the SimCLR network.
+
+Compiling is what costs time on CPU, so the numerical tests share one tiny SimCLR network
+(ResNet-18 of base width 4, CIFAR stem, 8x8 images) and everything that only depends on shapes
+uses `jax.eval_shape`.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from simclr_jax.models import (
+    LinearProbe,
+    ProjectionHead,
+    ResNet,
+    SimCLR,
+    resnet_feature_dim,
+    simclr_resnet,
+)
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+# Parameters are initialised from RngBitGenerator keys: on CPU they compile far faster than the
+# default threefry keys, and the tests only need some valid initial values.
+INIT_KEY = jax.random.key(1, impl="rbg")
+# Keras/Flax truncated normal: truncated at 2 std, rescaled by this factor to keep the variance.
+TRUNCATED_NORMAL_STD = 0.87962566103423978
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiny:
+    model: SimCLR
+    encoder: ResNet
+    x: jax.Array
+    variables: dict
+
+    @property
+    def encoder_variables(self) -> dict:
+        return {
+            collection: self.variables[collection]["encoder"]
+            for collection in ("params", "batch_stats")
+        }
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Tiny:
+    model = simclr_resnet(18, 1.0, "cifar", num_classes=5, base_width=4)
+    encoder = ResNet(depth=18, base_width=4, stem="cifar")
+    assert model.encoder == encoder
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+    variables = model.init(INIT_KEY, x, train=False)
+    return Tiny(model, encoder, x, variables)
+
+
+def _param_count(module, channels: int = 3) -> int:
+    """Number of trainable parameters (not BN statistics), computed from shapes only."""
+    variables = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, 224, 224, channels)), train=False)
+    )
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables["params"]))
+
+
+def _flat(tree) -> dict[tuple[str, ...], np.ndarray]:
+    return {path: np.asarray(leaf) for path, leaf in traverse_util.flatten_dict(tree).items()}
+
+
+def _block_outputs(module, variables, x) -> dict[str, jax.Array]:
+    """Output of every residual block, by block name, in eval mode."""
+    _, state = module.apply(
+        variables,
+        x,
+        train=False,
+        capture_intermediates=lambda mdl, _: mdl.name is not None and "_block" in mdl.name,
+    )
+    return {name: value["__call__"][0] for name, value in state["intermediates"].items()}
+
+
+def _numpy_conv(x: np.ndarray, kernel: np.ndarray, stride: int, pad: int) -> np.ndarray:
+    """Cross-correlation with `pad` zeros on every side, as a sum over kernel offsets."""
+    k = kernel.shape[0]
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out_h = (x.shape[1] + 2 * pad - k) // stride + 1
+    out_w = (x.shape[2] + 2 * pad - k) // stride + 1
+    out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[-1]))
+    for di in range(k):
+        for dj in range(k):
+            window = padded[:, di : di + stride * out_h : stride, dj : dj + stride * out_w : stride]
+            out += window @ kernel[di, dj]
+    return out
+
+
+def _numpy_bn(x, mean, var, scale, bias=0.0):
+    return (x - mean) / np.sqrt(var + BN_EPSILON) * scale + bias
+
+
+# ----------------------------------------------------------------------------- shapes and sizes
+
+
+@pytest.mark.parametrize(
+    ("stem", "channels", "image_size", "last_map_size"),
+    [
+        ("imagenet", 3, 64, 2),  # 64 -conv/2-> 32 -pool/2-> 16 -> groups 16, 8, 4, 2
+        ("imagenet", 1, 64, 2),
+        ("imagenet", 3, 224, 7),
+        ("cifar", 3, 32, 4),  # 32 -> groups 32, 16, 8, 4
+        ("cifar", 1, 28, 4),
+    ],
+)
+def test_resnet_output_shapes(stem, channels, image_size, last_map_size):
+    model = ResNet(depth=18, base_width=8, stem=stem)
+    x = jnp.zeros((2, image_size, image_size, channels))
+    h, variables = jax.eval_shape(
+        lambda: model.init_with_output(
+            jax.random.key(0), x, train=False, capture_intermediates=True
+        )
+    )
+    assert h.shape == (2, resnet_feature_dim(18, base_width=8)) == (2, 64)
+    assert h.dtype == jnp.float32
+    (last_map,) = variables["intermediates"]["group4_block2"]["__call__"]
+    assert last_map.shape == (2, last_map_size, last_map_size, 64)
+
+
+def test_bottleneck_output_shape():
+    model = ResNet(depth=50, base_width=4, stem="cifar")
+    x = jnp.zeros((2, 32, 32, 3))
+    h, _ = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, train=False))
+    assert h.shape == (2, resnet_feature_dim(50, base_width=4)) == (2, 4 * 8 * 4)
+
+
+def test_features_are_the_global_average_pool(tiny):
+    blocks = _block_outputs(tiny.encoder, tiny.encoder_variables, tiny.x)
+    h = tiny.encoder.apply(tiny.encoder_variables, tiny.x, train=False)
+    assert np.all(np.isfinite(h))
+    assert blocks["group4_block2"].shape == (4, 1, 1, 32)
+    np.testing.assert_allclose(h, blocks["group4_block2"].mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_feature_dims():
+    assert resnet_feature_dim(18) == resnet_feature_dim(34) == 512
+    assert resnet_feature_dim(50) == resnet_feature_dim(152) == 2048
+    assert resnet_feature_dim(50, width_multiplier=2) == 4096
+    assert resnet_feature_dim(50, width_multiplier=4) == 8192
+    assert resnet_feature_dim(18, width_multiplier=2, base_width=8) == 128
+
+
+def test_resnet18_parameter_count():
+    # torchvision resnet18: 11,689,512 parameters, of which the fc layer holds 512*1000 + 1000.
+    torchvision_without_fc = 11_689_512 - 513_000
+    # The official SimCLR ResNet also projects the shortcut of the first block of the first group
+    # (64 -> 64 channels, stride 1), where torchvision keeps the identity: a 1x1 conv + BN.
+    first_group_projection = 64 * 64 + 2 * 64
+    assert _param_count(ResNet(depth=18)) == torchvision_without_fc + first_group_projection
+    assert _param_count(ResNet(depth=18)) == 11_180_736
+
+
+def test_resnet50_parameter_count():
+    # torchvision resnet50: 25,557,032 parameters, of which the fc layer holds 2048*1000 + 1000.
+    # Every first block of a ResNet-50 group changes width, so both have the same shortcuts.
+    assert _param_count(ResNet(depth=50)) == 25_557_032 - 2_049_000
+
+
+@pytest.mark.parametrize(("width", "millions"), [(2, 94), (4, 375)])
+def test_wide_resnet50_parameter_count_matches_paper(width, millions):
+    # SimCLR paper, Table 6: ResNet-50 (2x) has 94M parameters, ResNet-50 (4x) 375M.
+    count = _param_count(ResNet(depth=50, width_multiplier=width))
+    assert round(count / 1e6) == millions
+
+
+def test_input_channels_only_change_the_stem():
+    rgb, gray = _param_count(ResNet(depth=18), 3), _param_count(ResNet(depth=18), 1)
+    assert rgb - gray == 2 * (7 * 7 * 64)
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def _check_zero_init(module, variables, x, last_bn: str, num_blocks: int):
+    scales = {
+        path: leaf for path, leaf in _flat(variables["params"]).items() if path[-1] == "scale"
+    }
+    zero = [path for path, leaf in scales.items() if np.all(leaf == 0)]
+    one = [path for path, leaf in scales.items() if np.all(leaf == 1)]
+    assert len(zero) == num_blocks
+    assert all(path[-2] == last_bn for path in zero)
+    assert len(zero) + len(one) == len(scales)
+
+    # Hence every block without a projection starts as the identity on its (non-negative) input.
+    outputs = _block_outputs(module, variables, x)
+    assert len(outputs) == num_blocks
+    checked = 0
+    for name, output in outputs.items():
+        group, block = name.removeprefix("group").split("_block")
+        if block != "1":
+            np.testing.assert_array_equal(output, outputs[f"group{group}_block{int(block) - 1}"])
+            checked += 1
+    assert checked == num_blocks - 4
+
+
+def test_last_bn_of_every_basic_branch_starts_at_zero(tiny):
+    _check_zero_init(tiny.encoder, tiny.encoder_variables, tiny.x, "bn2", num_blocks=8)
+
+
+def test_last_bn_of_every_bottleneck_branch_starts_at_zero():
+    model = ResNet(depth=50, base_width=2, stem="cifar")
+    x = jax.random.uniform(jax.random.key(0), (2, 4, 4, 3))
+    variables = model.init(INIT_KEY, x, train=False)
+    _check_zero_init(model, variables, x, "bn3", num_blocks=16)
+
+
+def test_conv_kernels_use_fan_in_variance_scaling(tiny):
+    # Every kernel divided by its expected std 1/sqrt(fan_in) should look like one N(0, 1)
+    # truncated at 2/0.8796 (He initialisation would give std sqrt(2)).
+    standardised = np.concatenate(
+        [
+            leaf.ravel() * math.sqrt(math.prod(leaf.shape[:-1]))
+            for path, leaf in _flat(tiny.encoder_variables["params"]).items()
+            if path[-1] == "kernel"
+        ]
+    )
+    assert standardised.size > 40_000
+    np.testing.assert_allclose(standardised.std(), 1.0, rtol=0.03)
+    assert np.abs(standardised).max() <= 2 / TRUNCATED_NORMAL_STD
+
+
+# ----------------------------------------------------------------------------- batch norm
+
+
+@pytest.mark.parametrize(
+    ("stem", "kernel_size", "stride", "image_size"), [("cifar", 3, 1, 8), ("imagenet", 7, 2, 32)]
+)
+def test_train_mode_updates_bn_statistics_from_the_batch(
+    tiny, stem, kernel_size, stride, image_size
+):
+    model = dataclasses.replace(tiny.encoder, stem=stem)
+    variables = tiny.encoder_variables
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(0, 0.1, (kernel_size, kernel_size, 3, 4))
+    params = {**variables["params"], "stem_conv": {"kernel": jnp.asarray(kernel, jnp.float32)}}
+    variables = {**variables, "params": params}
+    x = rng.uniform(0, 1, (4, image_size, image_size, 3))
+
+    _, state = model.apply(
+        variables,
+        jnp.asarray(x, jnp.float32),
+        train=True,
+        mutable=["batch_stats", "intermediates"],
+        capture_intermediates=lambda mdl, _: mdl.name == "stem_conv",
+    )
+    conv = _numpy_conv(x, kernel, stride, pad=kernel_size // 2)
+    (stem_output,) = state["intermediates"]["stem_conv"]["__call__"]
+    np.testing.assert_allclose(stem_output, conv, rtol=1e-4, atol=1e-5)
+
+    # moving = 0.9 * moving + 0.1 * batch, from mean 0 and variance 1.
+    new_stats = state["batch_stats"]["stem_bn"]
+    np.testing.assert_allclose(
+        new_stats["mean"], (1 - BN_MOMENTUM) * conv.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        new_stats["var"], BN_MOMENTUM + (1 - BN_MOMENTUM) * conv.var(axis=(0, 1, 2)), rtol=1e-4
+    )
+    # Every BN layer of the network was updated.
+    old, new = _flat(variables["batch_stats"]), _flat(state["batch_stats"])
+    assert old.keys() == new.keys()
+    assert all(not np.allclose(old[path], new[path]) for path in old)
+
+
+def test_eval_mode_leaves_bn_statistics_and_ignores_the_batch(tiny):
+    model, x = tiny.encoder, tiny.x
+    # One training step gives running statistics that differ from their initial 0 and 1.
+    _, updates = model.apply(tiny.encoder_variables, x, train=True, mutable=["batch_stats"])
+    variables = {**tiny.encoder_variables, **updates}
+
+    h, after_eval = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    for path, value in _flat(variables["batch_stats"]).items():
+        np.testing.assert_array_equal(_flat(after_eval["batch_stats"])[path], value)
+
+    # With running statistics an example's features do not depend on the rest of the batch;
+    # with batch statistics they do.
+    other_batch = x.at[1:].set(jax.random.uniform(jax.random.key(5), x[1:].shape))
+    h_other = model.apply(variables, other_batch, train=False)
+    np.testing.assert_allclose(h_other[0], h[0], rtol=1e-5, atol=1e-6)
+    h_train, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    h_train_other, _ = model.apply(variables, other_batch, train=True, mutable=["batch_stats"])
+    assert not np.allclose(h_train_other[0], h_train[0], rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- projection head
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "hidden_dim", "kernel_shapes"),
+    [
+        (1, None, [(16, 128)]),
+        (2, None, [(16, 16), (16, 128)]),
+        (3, None, [(16, 16), (16, 16), (16, 128)]),
+        (3, 32, [(16, 32), (32, 32), (32, 128)]),
+    ],
+)
+def test_projection_head_structure(num_layers, hidden_dim, kernel_shapes):
+    head = ProjectionHead(num_layers=num_layers, hidden_dim=hidden_dim)
+    z, variables = jax.eval_shape(
+        lambda: head.init_with_output(jax.random.key(0), jnp.ones((4, 16)), train=False)
+    )
+    params = variables["params"]
+    assert z.shape == (4, 128)
+    assert set(params) == {f"dense_{i}" for i in range(num_layers)} | {
+        f"bn_{i}" for i in range(num_layers)
+    }
+    assert [params[f"dense_{i}"]["kernel"].shape for i in range(num_layers)] == kernel_shapes
+    assert all(set(params[f"dense_{i}"]) == {"kernel"} for i in range(num_layers))
+    assert all(set(params[f"bn_{i}"]) == {"scale", "bias"} for i in range(num_layers - 1))
+    assert set(params[f"bn_{num_layers - 1}"]) == {"scale"}
+
+
+def test_projection_head_dense_init():
+    # Official initialisation of the head's dense kernels: N(0, 0.01^2).
+    variables = ProjectionHead().init(jax.random.key(0), jnp.ones((2, 64)), train=False)
+    kernels = np.concatenate([variables["params"][f"dense_{i}"]["kernel"].ravel() for i in (0, 1)])
+    np.testing.assert_allclose(kernels.std(), 0.01, rtol=0.03)
+
+
+def test_projection_head_rejects_zero_layers():
+    with pytest.raises(ValueError, match="num_layers"):
+        ProjectionHead(num_layers=0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_projection_head_matches_numpy(train):
+    head = ProjectionHead(num_layers=2, output_dim=3)
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(6, 5))
+    variables = head.init(jax.random.key(1), jnp.asarray(h, jnp.float32), train=False)
+    # Non-trivial weights, BN parameters and running statistics, so each shows in the output.
+    variables = jax.tree.map(
+        lambda leaf: rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32), variables
+    )
+    p, s = variables["params"], variables["batch_stats"]
+    z, _ = head.apply(variables, jnp.asarray(h, jnp.float32), train=train, mutable=["batch_stats"])
+
+    def bn(y, name, bias):
+        if train:
+            return _numpy_bn(y, y.mean(0), y.var(0), p[name]["scale"], bias)
+        return _numpy_bn(y, s[name]["mean"], s[name]["var"], p[name]["scale"], bias)
+
+    hidden = np.maximum(bn(h @ p["dense_0"]["kernel"], "bn_0", p["bn_0"]["bias"]), 0)
+    expected = bn(hidden @ p["dense_1"]["kernel"], "bn_1", 0.0)
+    assert z.dtype == jnp.float32
+    np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- SimCLR network
+
+
+def test_simclr_outputs(tiny):
+    out = tiny.model.apply(tiny.variables, tiny.x, train=False)
+    assert set(out) == {"h", "z", "logits"}
+    assert out["h"].shape == (4, 32)
+    assert out["z"].shape == (4, 128)
+    assert out["logits"].shape == (4, 5)
+    assert set(tiny.variables["params"]) == {"encoder", "projection_head", "linear_probe"}
+    np.testing.assert_array_equal(
+        out["h"], tiny.encoder.apply(tiny.encoder_variables, tiny.x, train=False)
+    )
+    probe = tiny.variables["params"]["linear_probe"]["dense"]
+    np.testing.assert_allclose(
+        out["logits"], out["h"] @ probe["kernel"] + probe["bias"], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_probe_and_contrastive_gradients_are_isolated(tiny):
+    labels = jnp.array([0, 1, 2, 3])
+    direction = jax.random.normal(jax.random.key(2), (4, 128))
+
+    def losses(params):
+        out, _ = tiny.model.apply(
+            {"params": params, "batch_stats": tiny.variables["batch_stats"]},
+            tiny.x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        probe_loss = optax.softmax_cross_entropy_with_integer_labels(out["logits"], labels)
+        return jnp.stack([probe_loss.mean(), jnp.sum(out["z"] * direction)])
+
+    jacobian = jax.jit(jax.jacrev(losses))(tiny.variables["params"])
+
+    def max_abs(loss_index, part):
+        return max(float(jnp.max(jnp.abs(g[loss_index]))) for g in jax.tree.leaves(jacobian[part]))
+
+    probe, contrastive = 0, 1
+    assert max_abs(probe, "encoder") == 0.0
+    assert max_abs(probe, "projection_head") == 0.0
+    assert max_abs(probe, "linear_probe") > 0.0
+    assert max_abs(contrastive, "linear_probe") == 0.0
+    assert max_abs(contrastive, "encoder") > 0.0
+    assert max_abs(contrastive, "projection_head") > 0.0
+
+
+def test_linear_probe_stops_gradient():
+    probe = LinearProbe(num_classes=3)
+    h = jnp.ones((2, 4))
+    variables = probe.init(jax.random.key(0), h)
+    grad_h = jax.grad(lambda h: probe.apply(variables, h).sum())(h)
+    np.testing.assert_array_equal(grad_h, 0.0)
+
+
+def test_bfloat16_computation_keeps_float32_params_and_outputs(tiny):
+    model = simclr_resnet(18, 1.0, "cifar", num_classes=5, base_width=4, dtype=jnp.bfloat16)
+    initial = jax.eval_shape(lambda: model.init(jax.random.key(1), tiny.x, train=False))
+    assert {leaf.dtype for leaf in jax.tree.leaves(initial)} == {jnp.dtype(jnp.float32)}
+
+    for train in (True, False):
+        out, updates = model.apply(tiny.variables, tiny.x, train=train, mutable=["batch_stats"])
+        for value in out.values():
+            assert value.dtype == jnp.float32
+            assert np.all(np.isfinite(value))
+        assert {leaf.dtype for leaf in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+
+    # The computation really runs in bfloat16: close to, but not equal to, float32.
+    h_bf16 = model.apply(tiny.variables, tiny.x, train=False)["h"]
+    h_f32 = tiny.model.apply(tiny.variables, tiny.x, train=False)["h"]
+    relative_error = np.linalg.norm(h_bf16 - h_f32) / np.linalg.norm(h_f32)
+    assert 0 < relative_error < 0.05
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_invalid_depth_names_the_valid_depths():
+    with pytest.raises(ValueError, match=r"\[18, 34, 50, 101, 152, 200\]"):
+        ResNet(depth=19)
+    with pytest.raises(ValueError, match=r"\[18, 34, 50, 101, 152, 200\]"):
+        resnet_feature_dim(19)
+
+
+def test_invalid_stem_names_the_valid_stems():
+    with pytest.raises(ValueError, match=r"\['imagenet', 'cifar'\]"):
+        ResNet(stem="mnist")
+
+
+def test_invalid_width_and_classes():
+    with pytest.raises(ValueError, match="at least 1"):
+        ResNet(base_width=1, width_multiplier=0.25)
+    with pytest.raises(ValueError, match="num_classes"):
+        SimCLR(encoder=ResNet(), projection_head=ProjectionHead(), num_classes=0)

@@ -1,0 +1,178 @@
+"""The sharded train step: global batch-norm and global negatives on any number of devices."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from simclr_jax import optim, parallel, step
+from simclr_jax.models import simclr_resnet
+
+IMAGE_SHAPE = (16, 16, 3)
+BATCH_SIZE = 16  # images: 32 views, four per device on the 8-device mesh
+TEMPERATURE = 0.5
+
+
+def _batch(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "views": rng.random((BATCH_SIZE, 2, *IMAGE_SHAPE), dtype=np.float32),
+        "label": rng.integers(0, 10, BATCH_SIZE).astype(np.int32),
+    }
+
+
+def _schedule():
+    return optim.warmup_cosine_schedule(peak_value=0.5, warmup_steps=2, total_steps=10)
+
+
+@functools.cache
+def _initial_host_state() -> step.TrainState:
+    model = simclr_resnet(
+        depth=18, width_multiplier=1.0, base_width=8, stem="cifar", num_classes=10
+    )
+    tx = optim.lars(_schedule(), weight_decay=1e-4)
+    return jax.device_get(step.create_train_state(model, tx, jax.random.key(0), IMAGE_SHAPE))
+
+
+def _initial_state() -> step.TrainState:
+    """A fresh device copy each time: the jitted step donates (deletes) the state it is given."""
+    return jax.device_put(_initial_host_state())
+
+
+def _on_mesh(mesh, tree):
+    return jax.device_put(tree, parallel.replicated(mesh))
+
+
+def _run_steps(mesh, num_steps):
+    """``num_steps`` steps of the jitted step on ``mesh``; returns host copies of all results."""
+    train = step.jit_train_step(mesh, temperature=TEMPERATURE, learning_rate_fn=_schedule())
+    state = _on_mesh(mesh, _initial_state())
+    metrics = []
+    for i in range(num_steps):
+        batch = parallel.host_batch_to_global(_batch(i), mesh)
+        state, m = train(state, batch, jax.random.key(i))
+        metrics.append(jax.device_get(m))
+    return jax.device_get((state.params, state.batch_stats, state.opt_state)), metrics
+
+
+def _gradients(mesh):
+    fn = jax.jit(
+        functools.partial(step.loss_and_gradients, temperature=TEMPERATURE),
+        in_shardings=(
+            parallel.replicated(mesh),
+            parallel.batch_sharded(mesh),
+            parallel.replicated(mesh),
+        ),
+        out_shardings=parallel.replicated(mesh),
+    )
+    batch = parallel.host_batch_to_global(_batch(0), mesh)
+    (loss, aux), grads = fn(_on_mesh(mesh, _initial_state()), batch, jax.random.key(0))
+    return jax.device_get((loss, aux["batch_stats"], grads))
+
+
+def _assert_trees_close(actual, expected, rtol=1e-5):
+    """Leaf-wise closeness, with an absolute floor scaled to each leaf's magnitude."""
+
+    def check(path, a, e):
+        scale = float(np.max(np.abs(e))) if np.size(e) else 0.0
+        np.testing.assert_allclose(
+            a, e, rtol=rtol, atol=rtol * scale + 1e-7, err_msg=jax.tree_util.keystr(path)
+        )
+
+    jax.tree_util.tree_map_with_path(check, actual, expected)
+
+
+def test_gradients_on_eight_devices_equal_one_device():
+    loss8, stats8, grads8 = _gradients(parallel.data_mesh())
+    loss1, stats1, grads1 = _gradients(parallel.data_mesh(jax.devices()[:1]))
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    _assert_trees_close(stats8, stats1)
+    _assert_trees_close(grads8, grads1)
+
+
+def test_steps_on_eight_devices_equal_one_device():
+    """Global BN statistics and global negatives: sharding the batch changes nothing."""
+    results8, metrics8 = _run_steps(parallel.data_mesh(), num_steps=2)
+    results1, metrics1 = _run_steps(parallel.data_mesh(jax.devices()[:1]), num_steps=2)
+    _assert_trees_close(results8, results1)
+    _assert_trees_close(metrics8, metrics1)
+
+
+def test_sharded_step_equals_pure_step_without_jit():
+    """The jit wrapper adds shardings only: results match the plain Python function."""
+    mesh = parallel.data_mesh()
+    (params, stats, _), metrics = _run_steps(mesh, num_steps=1)
+    state, expected = step.train_step(
+        _initial_state(),
+        jax.tree.map(jnp.asarray, _batch(0)),
+        jax.random.key(0),
+        temperature=TEMPERATURE,
+        learning_rate_fn=_schedule(),
+    )
+    _assert_trees_close((params, stats), jax.device_get((state.params, state.batch_stats)), 1e-4)
+    _assert_trees_close(metrics[0], jax.device_get(expected), 1e-4)
+
+
+def test_step_metrics_are_finite_and_complete():
+    _, metrics = _run_steps(parallel.data_mesh(), num_steps=1)
+    expected_keys = {
+        "loss",
+        "contrastive_loss",
+        "contrastive_accuracy",
+        "contrastive_entropy",
+        "probe_loss",
+        "probe_accuracy",
+        "learning_rate",
+        "grad_norm",
+        "param_norm",
+    }
+    assert set(metrics[0]) == expected_keys
+    for name, value in metrics[0].items():
+        assert np.ndim(value) == 0 and np.isfinite(value), name
+    assert metrics[0]["learning_rate"] == 0.0  # warm-up starts from zero
+    np.testing.assert_allclose(
+        metrics[0]["loss"], metrics[0]["contrastive_loss"] + metrics[0]["probe_loss"], rtol=1e-6
+    )
+
+
+def test_state_is_donated():
+    mesh = parallel.data_mesh()
+    train = step.jit_train_step(mesh, temperature=TEMPERATURE, learning_rate_fn=_schedule())
+    state = _on_mesh(mesh, _initial_state())
+    new_state, _ = train(state, parallel.host_batch_to_global(_batch(0), mesh), jax.random.key(0))
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state.params))
+    assert int(new_state.step) == 1
+
+
+def test_training_on_a_fixed_batch_lowers_the_contrastive_loss():
+    model = simclr_resnet(
+        depth=18, width_multiplier=1.0, base_width=8, stem="cifar", num_classes=10
+    )
+    state = step.create_train_state(model, optax.adam(3e-3), jax.random.key(1), IMAGE_SHAPE)
+    mesh = parallel.data_mesh()
+    train = step.jit_train_step(mesh, temperature=TEMPERATURE, learning_rate_fn=lambda _: 3e-3)
+    state = _on_mesh(mesh, state)
+    batch = parallel.host_batch_to_global(_batch(7), mesh)
+    losses = []
+    for i in range(12):
+        state, metrics = train(state, batch, jax.random.key(i))
+        losses.append(float(metrics["contrastive_loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected_accuracy"),
+    [([0, 1, -1, -1], 0.5), ([-1, -1, -1, -1], 0.0), ([0, 0, 1, 1], 1.0), ([0, 1, 1, 0], 0.5)],
+)
+def test_probe_ignores_unlabelled_examples(labels, expected_accuracy):
+    logits = jnp.array([[2.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    labels = jnp.array(labels)
+    loss, accuracy = step.probe_loss_and_accuracy(logits, labels)
+    log_probs = jax.nn.log_softmax(logits)
+    labelled = [i for i, y in enumerate(labels.tolist()) if y >= 0]
+    expected_loss = -np.mean([log_probs[i, labels[i]] for i in labelled]) if labelled else 0.0
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+    np.testing.assert_allclose(accuracy, expected_accuracy)
