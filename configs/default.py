@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.momentum = 0.9
     config.global_batch_size = 4096  # images per step over all devices (2 views each)
     config.epochs = 100
-    config.warmup_epochs = 10
+    config.warmup_epochs = 10.0  # linear warm-up length, in epochs (may be fractional)
     config.num_train_steps = -1  # > 0 overrides the step count derived from `epochs`
 
     # --- Loop, logging, checkpoints ---------------------------------------------------------

@@ -77,6 +77,11 @@ class _RunPlan:
         )
         height, _, channels = self.train_info.image_shape
         self.image_size = config.image_size or height
+        if not self.image_size:
+            raise ValueError(
+                f"the images of {config.dataset} vary in size: set --config.image_size "
+                "(e.g. 224) to the side the views are resized to."
+            )
         self.image_shape = (self.image_size, self.image_size, channels)
         self.num_classes = self.probe_info.num_classes
         batch = config.global_batch_size

@@ -12,3 +12,28 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow only feeds data; keep it quiet and off any accelerator.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_data_dir(tmp_path_factory) -> str:
+    """A TFDS data dir holding fashion_mnist, prepared once per session from Debian's files."""
+    from simclr_jax.data import fashion_mnist_offline
+
+    if not os.path.isdir(fashion_mnist_offline.DEBIAN_FASHION_MNIST_DIR):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (make fashion-mnist-files)")
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    fashion_mnist_offline.prepare_fashion_mnist_offline(data_dir)
+    return data_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """Shares XLA compilations between tests that build the same computations (e.g. the
+    trainer's runs of one config), which is most of the suite's time on a CPU."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -30,8 +30,8 @@ def extract_features(
 
     ``embed_fn`` is e.g. :func:`simclr_jax.step.jit_embed_step` for ``mesh``; each batch is a
     process-local ``{"image", "label", "mask"}`` dict, as
-    :func:`simclr_jax.data.pipeline.eval_batches` yields. The result maps each name in ``outputs`` (and ``"label"``) to an array over the
-    unpadded examples, in split order.
+    :func:`simclr_jax.data.pipeline.eval_batches` yields. The result maps each name in
+    ``outputs`` (and ``"label"``) to an array over the unpadded examples, in split order.
     """
     collected: dict[str, list[np.ndarray]] = {name: [] for name in (*outputs, "label")}
     for host_batch in batches:

@@ -1,0 +1,32 @@
+"""Fashion-MNIST, a small ResNet-18: the embedded default, sized for a 2-core CPU.
+
+Run:   python -m simclr_jax.train            (or: make train)
+Same:  python -m simclr_jax.train --config=configs/fashion_mnist.py --workdir=workdirs/fashion_mnist
+Works offline: the dataset is prepared from Debian's dataset-fashion-mnist files when present.
+Expect: see the README's results table for the figures measured with this config.
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.dataset = "fashion_mnist"
+    config.image_size = 28
+    config.augment.crop_area_min = 0.2
+    config.augment.color_jitter_strength = 0.5  # one channel: brightness and contrast only
+    config.augment.blur_prob = 0.0  # 28 px: no blur
+    config.model.depth = 18
+    config.model.base_width = 16
+    config.model.stem = "cifar"
+    config.temperature = 0.2
+    config.optimizer = "lars"
+    config.base_learning_rate = 1.0
+    config.weight_decay = 1e-5
+    config.global_batch_size = 256
+    config.epochs = 2
+    config.warmup_epochs = 0.2
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = 100
+    config.eval_batch_size = 1000
+    return config

@@ -1,0 +1,24 @@
+"""Evaluation of frozen representations: feature extraction, linear probe and k-NN."""
+
+from simclr_jax.evaluation.features import extract_features
+from simclr_jax.evaluation.knn import knn_accuracy, knn_predict
+from simclr_jax.evaluation.linear_probe import (
+    DEFAULT_L2_GRID,
+    LogisticRegression,
+    fit_logistic_regression,
+    linear_probe_accuracy,
+    predict,
+    top_k_accuracy,
+)
+
+__all__ = [
+    "DEFAULT_L2_GRID",
+    "LogisticRegression",
+    "extract_features",
+    "fit_logistic_regression",
+    "knn_accuracy",
+    "knn_predict",
+    "linear_probe_accuracy",
+    "predict",
+    "top_k_accuracy",
+]

@@ -1,0 +1,131 @@
+"""k-nearest-neighbour classification on frozen features, the kNN monitor of SSL libraries.
+
+Similarity is cosine (both sides L2-normalised); each query takes the ``k`` most similar labelled
+train examples and votes:
+
+- ``temperature=None``: plain majority, one vote per neighbour (lightly's monitor, k=200);
+- ``temperature=T``: each neighbour votes ``exp(similarity / T)`` (solo-learn: k=20, T=0.07).
+
+The predicted class is the one with the largest vote total; ties go to the lowest class index.
+Among train examples equally similar to a query, the one with the lower row index is taken first.
+Queries are processed in chunks of ``query_batch_size``, so memory is bounded by a
+``[query_batch_size, n_train]`` similarity block whatever the number of queries.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Floor on the squared norm before normalising: zero rows stay zero instead of becoming NaN.
+_SQUARED_NORM_EPS = 1e-12
+
+
+def _l2_normalise(x: jax.Array) -> jax.Array:
+    squared_norms = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared_norms, _SQUARED_NORM_EPS))
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "k", "temperature"))
+def _predict_chunk(
+    bank: jax.Array,
+    bank_labels: jax.Array,
+    queries: jax.Array,
+    num_classes: int,
+    k: int,
+    temperature: float | None,
+) -> jax.Array:
+    """Predicted labels of ``queries [b, d]`` against the L2-normalised ``bank [n, d]``."""
+    similarity = jnp.matmul(_l2_normalise(queries), bank.T, precision=jax.lax.Precision.HIGHEST)
+    # Only the indices are taken from top_k: using its values too makes XLA:CPU sort whole rows.
+    neighbours = jax.lax.top_k(similarity, k)[1]
+    top_similarity = jnp.take_along_axis(similarity, neighbours, axis=-1)
+    if temperature is None:
+        votes = jnp.ones_like(top_similarity)
+    else:
+        # Shifting by each query's best similarity rescales its votes without changing the
+        # winner, and keeps exp() finite for any temperature.
+        votes = jnp.exp((top_similarity - top_similarity[:, :1]) / temperature)
+
+    def tally(labels, votes):
+        return jnp.zeros(num_classes, votes.dtype).at[labels].add(votes)
+
+    scores = jax.vmap(tally)(bank_labels[neighbours], votes)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def knn_predict(
+    train_features: jax.Array | np.ndarray,
+    train_labels: jax.Array | np.ndarray,
+    query_features: jax.Array | np.ndarray,
+    num_classes: int,
+    k: int = 200,
+    temperature: float | None = None,
+    query_batch_size: int = 512,
+) -> jax.Array:
+    """Labels ``[n_query]`` (int32) predicted by a k-NN vote over the labelled train examples.
+
+    Args:
+      train_features: ``[n_train, d]`` features of the reference set.
+      train_labels: ``[n_train]`` labels in ``[0, num_classes)``; rows with a negative label are
+        unlabelled and never used as neighbours.
+      query_features: ``[n_query, d]`` features to classify (a NumPy array is moved to the
+        device one chunk at a time).
+      num_classes: number of classes.
+      k: number of neighbours, at most the number of labelled train examples.
+      temperature: ``None`` for a plain majority vote, else ``T > 0`` for ``exp(sim / T)`` votes.
+      query_batch_size: number of queries per chunk.
+    """
+    labels = np.asarray(train_labels)
+    labelled = labels >= 0
+    num_labelled = int(np.sum(labelled))
+    if not 1 <= k <= num_labelled:
+        raise ValueError(
+            f"k={k} must be between 1 and the number of labelled train examples ({num_labelled})."
+        )
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature must be positive or None, got {temperature}.")
+    if query_batch_size < 1:
+        raise ValueError(f"query_batch_size must be positive, got {query_batch_size}.")
+    bank = _l2_normalise(jnp.asarray(train_features, jnp.float32)[labelled])
+    bank_labels = jnp.asarray(labels[labelled], jnp.int32)
+
+    num_queries = len(query_features)
+    chunk_size = max(1, min(query_batch_size, num_queries))
+    predictions = []
+    for start in range(0, num_queries, chunk_size):
+        chunk = jnp.asarray(query_features[start : start + chunk_size], jnp.float32)
+        num_valid = chunk.shape[0]
+        # Pad the last chunk to the common size so that one compilation serves every chunk.
+        chunk = jnp.pad(chunk, ((0, chunk_size - num_valid), (0, 0)))
+        predicted = _predict_chunk(bank, bank_labels, chunk, num_classes, k, temperature)
+        predictions.append(predicted[:num_valid])
+    if not predictions:
+        return jnp.zeros((0,), jnp.int32)
+    return jnp.concatenate(predictions)
+
+
+def knn_accuracy(
+    train_features: jax.Array | np.ndarray,
+    train_labels: jax.Array | np.ndarray,
+    query_features: jax.Array | np.ndarray,
+    query_labels: jax.Array | np.ndarray,
+    num_classes: int,
+    k: int = 200,
+    temperature: float | None = None,
+    query_batch_size: int = 512,
+) -> float:
+    """Top-1 accuracy of :func:`knn_predict` over the labelled queries (negative labels skipped)."""
+    predictions = knn_predict(
+        train_features,
+        train_labels,
+        query_features,
+        num_classes,
+        k=k,
+        temperature=temperature,
+        query_batch_size=query_batch_size,
+    )
+    labels = jnp.asarray(query_labels)
+    labelled = labels >= 0
+    return float(jnp.sum((predictions == labels) & labelled) / jnp.sum(labelled))
