@@ -77,10 +77,12 @@ class MetricsLog:
         return record
 
     def _progress_line(self, record: dict[str, float]) -> str:
-        parts = [
-            f"step {record['step']}/{self._total_steps}",
-            f"epoch {record['epoch']:.2f}",
-            f"loss {record.get('loss', math.nan):.4f}",
+        parts = [f"step {record['step']}/{self._total_steps}", f"epoch {record['epoch']:.2f}"]
+        if "loss" not in record:  # an evaluation record
+            others = sorted(set(record) - {"step", "epoch", "images_per_s", "eta_s"})
+            return "  ".join(parts + [f"{name} {record[name]:.4f}" for name in others])
+        parts += [
+            f"loss {record['loss']:.4f}",
             f"contrastive_acc {record.get('contrastive_accuracy', math.nan):.3f}",
             f"probe_acc {record.get('probe_accuracy', math.nan):.3f}",
         ]

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +52,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     # TensorFlow only feeds data: keep it off accelerators and quiet before it is imported.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset it opens at INFO
     import jax
 
     if _DISTRIBUTED.value:

@@ -183,6 +183,7 @@ def _train(
     train_step = step.jit_train_step(
         mesh, temperature=config.temperature, learning_rate_fn=plan.learning_rate_fn
     )
+    embed = step.jit_embed_step(mesh)
     base_key = jax.random.key(config.seed)
     start = int(state.step)
     batches = plan.pretrain_batches(start)
@@ -212,6 +213,10 @@ def _train(
                 log.write(done, values)
             if should_save:
                 checkpointer.save(done, state, plan.compatibility(), force=True)
+            if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and not is_last:
+                evaluated = _monitor_metrics(plan, *_encoder_features(plan, state, mesh, embed))
+                log.write(done, {f"eval_{name}": value for name, value in evaluated.items()})
+                log.start(done)  # evaluation time is not training throughput
             if stop_requests:
                 checkpointer.wait_until_finished()
                 print(
@@ -239,17 +244,20 @@ def _linear_probe(
     return float(result["top1"])
 
 
-def evaluate(plan: _RunPlan, state: step.TrainState, mesh) -> dict[str, float]:
-    """Online probe, kNN and linear-probe accuracy on the eval split (and the two baselines)."""
-    config = plan.config
-    embed = step.jit_embed_step(mesh)
+def _extract(plan: _RunPlan, mesh, embed_fn, state, split: str, outputs=("h",)):
+    return features.extract_features(embed_fn, state, plan.eval_batches(split), mesh, outputs)
 
-    def extract(state, split, outputs=("h",), embed_fn=embed):
-        return features.extract_features(embed_fn, state, plan.eval_batches(split), mesh, outputs)
 
-    train = extract(state, config.probe_train_split)
-    test = extract(state, config.eval_split, outputs=("h", "logits"))
-    results = {
+def _encoder_features(plan: _RunPlan, state: step.TrainState, mesh, embed_fn):
+    """``h`` of the probe-train split, and ``h`` plus probe logits of the eval split."""
+    train = _extract(plan, mesh, embed_fn, state, plan.config.probe_train_split)
+    test = _extract(plan, mesh, embed_fn, state, plan.config.eval_split, ("h", "logits"))
+    return train, test
+
+
+def _monitor_metrics(plan: _RunPlan, train, test) -> dict[str, float]:
+    """The cheap evaluations: the online probe's and kNN's top-1 on the eval split."""
+    return {
         "online_probe_top1": float(np.mean(np.argmax(test["logits"], -1) == test["label"])),
         "knn_top1": knn.knn_accuracy(
             train["h"],
@@ -257,9 +265,19 @@ def evaluate(plan: _RunPlan, state: step.TrainState, mesh) -> dict[str, float]:
             test["h"],
             test["label"],
             num_classes=plan.num_classes,
-            k=config.knn_k,
-            temperature=config.knn_temperature or None,
+            k=plan.config.knn_k,
+            temperature=plan.config.knn_temperature or None,
         ),
+    }
+
+
+def evaluate(plan: _RunPlan, state: step.TrainState, mesh) -> dict[str, float]:
+    """Online probe, kNN and linear-probe accuracy on the eval split (and the two baselines)."""
+    config = plan.config
+    embed = step.jit_embed_step(mesh)
+    train, test = _encoder_features(plan, state, mesh, embed)
+    results = {
+        **_monitor_metrics(plan, train, test),
         "linear_probe_top1": _linear_probe(train, test, "h", plan),
     }
     if config.compute_baselines:
@@ -267,8 +285,8 @@ def evaluate(plan: _RunPlan, state: step.TrainState, mesh) -> dict[str, float]:
             plan.initial_state(config.seed + 1), parallel.replicated(mesh)
         )
         results["baseline_random_encoder_top1"] = _linear_probe(
-            extract(random_state, config.probe_train_split),
-            extract(random_state, config.eval_split),
+            _extract(plan, mesh, embed, random_state, config.probe_train_split),
+            _extract(plan, mesh, embed, random_state, config.eval_split),
             "h",
             plan,
         )
@@ -277,8 +295,8 @@ def evaluate(plan: _RunPlan, state: step.TrainState, mesh) -> dict[str, float]:
             out_shardings=parallel.batch_sharded(mesh),
         )
         results["baseline_raw_pixels_top1"] = _linear_probe(
-            extract(None, config.probe_train_split, ("pixels",), pixels),
-            extract(None, config.eval_split, ("pixels",), pixels),
+            _extract(plan, mesh, pixels, None, config.probe_train_split, ("pixels",)),
+            _extract(plan, mesh, pixels, None, config.eval_split, ("pixels",)),
             "pixels",
             plan,
         )

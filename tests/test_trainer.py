@@ -34,6 +34,7 @@ def _final_params(config, workdir):
 
 
 def test_tiny_run_writes_checkpoints_metrics_and_results(config, tmp_path):
+    config.eval_every_steps = 4
     results = trainer.train_and_evaluate(config, str(tmp_path))
 
     for key in ("linear_probe_top1", "knn_top1", "online_probe_top1"):
@@ -46,9 +47,14 @@ def test_tiny_run_writes_checkpoints_metrics_and_results(config, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == pytest.approx(results)
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [2, 4, 6, 8]
-    for record in records:
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6, 8]
+    for record in train_records:
         assert np.isfinite(record["loss"]) and np.isfinite(record["contrastive_accuracy"])
+    (eval_record,) = [r for r in records if "loss" not in r]  # every 4 steps, not at the end
+    assert eval_record["step"] == 4
+    assert 0.0 <= eval_record["eval_knn_top1"] <= 1.0
+    assert 0.0 <= eval_record["eval_online_probe_top1"] <= 1.0
     assert json.loads((tmp_path / "config.json").read_text())["model"]["base_width"] == 4
     assert list((tmp_path / "tensorboard").iterdir()), "no TensorBoard event file"
     assert _final_params(config, str(tmp_path))[0] == 8
