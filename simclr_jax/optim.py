@@ -15,33 +15,43 @@ import optax
 # Flax linen names the bias of Dense/Conv ``bias`` and the affine parameters of BatchNorm,
 # LayerNorm and GroupNorm ``scale`` and ``bias``.
 _EXCLUDED_LEAF_NAMES = frozenset({"bias", "scale"})
+# The online probe of `simclr_jax.models.SimCLR`: as in the official code (`head_supervised`),
+# it gets neither weight decay nor trust-ratio scaling, so it learns at the plain learning rate.
+_EXCLUDED_MODULE_NAMES = frozenset({"linear_probe"})
 
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("linear", "sqrt")
 
 
+def _key_name(key: Any) -> str | None:
+    """The name in one step of a pytree path: a dict key or an attribute (None otherwise)."""
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    return None
+
+
 def _leaf_name(path: tuple[Any, ...]) -> str | None:
     """The name of a leaf: the last dict key or attribute on its path (None if it has none)."""
-    if not path:
-        return None
-    last = path[-1]
-    if isinstance(last, jax.tree_util.DictKey):
-        return str(last.key)
-    if isinstance(last, jax.tree_util.GetAttrKey):
-        return last.name
-    return None
+    return _key_name(path[-1]) if path else None
 
 
 def decay_and_adaptation_mask(params: Any) -> Any:
     """Returns a tree of bools like ``params``: True where weight decay and LARS adaptation apply.
 
     Rule: a leaf whose own name (the last key of its path) is ``bias`` or ``scale`` is excluded;
-    with Flax linen modules that is every bias and every normalisation scale/offset. Everything
-    else (conv and dense ``kernel`` leaves, embeddings) is included. Only the leaf's own key is
-    looked at, so a module named e.g. ``bias_head`` does not exclude its kernel.
+    with Flax linen modules that is every bias and every normalisation scale/offset. So is every
+    leaf inside a module named ``linear_probe`` (SimCLR's online probe, as in the official code).
+    Everything else (conv and dense ``kernel`` leaves, embeddings) is included. Only whole keys
+    are compared, so a module named e.g. ``bias_head`` does not exclude its kernel.
     """
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: _leaf_name(path) not in _EXCLUDED_LEAF_NAMES, params
+        lambda path, _: (
+            _leaf_name(path) not in _EXCLUDED_LEAF_NAMES
+            and not any(_key_name(key) in _EXCLUDED_MODULE_NAMES for key in path[:-1])
+        ),
+        params,
     )
 
 

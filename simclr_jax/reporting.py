@@ -83,6 +83,7 @@ class MetricsLog:
             return "  ".join(parts + [f"{name} {record[name]:.4f}" for name in others])
         parts += [
             f"loss {record['loss']:.4f}",
+            f"contrastive_loss {record.get('contrastive_loss', math.nan):.4f}",
             f"contrastive_acc {record.get('contrastive_accuracy', math.nan):.3f}",
             f"probe_acc {record.get('probe_accuracy', math.nan):.3f}",
         ]

@@ -178,6 +178,19 @@ def test_mask_excludes_exactly_batchnorm_and_bias_leaves(resnet_like_params):
     assert len(mask) - len(excluded) == 10
 
 
+def test_mask_excludes_the_online_probe_entirely():
+    params = {
+        "encoder": {"conv": {"kernel": jnp.ones((3, 3, 1, 2))}},
+        "linear_probe": {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}},
+        "projection_head": {"linear_probe_like": {"kernel": jnp.ones((2, 2))}},
+    }
+    mask = _flat(optim.decay_and_adaptation_mask(params))
+    assert {name for name, keep in mask.items() if keep} == {
+        "encoder/conv/kernel",
+        "projection_head/linear_probe_like/kernel",
+    }
+
+
 def test_every_optimizer_updates_a_resnet_like_tree(resnet_like_params):
     params = resnet_like_params
     for name in optim.OPTIMIZERS:
