@@ -35,18 +35,23 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def check_global_batch_size(global_batch_size: int, mesh: Mesh) -> None:
-    """Raises a ValueError unless the global batch splits evenly over devices and processes."""
+def check_global_batch_size(
+    global_batch_size: int, mesh: Mesh, name: str = "global batch size"
+) -> None:
+    """Raises a ValueError unless the global batch splits evenly over devices and processes.
+
+    ``name`` is how the error message calls the batch (e.g. the config field it comes from).
+    """
     num_devices = mesh.devices.size
     if global_batch_size <= 0 or global_batch_size % num_devices:
         raise ValueError(
-            f"global batch size {global_batch_size} is not divisible by the {num_devices} devices "
+            f"{name} {global_batch_size} is not divisible by the {num_devices} devices "
             f"of the data mesh; choose a positive multiple of {num_devices}."
         )
     num_processes = jax.process_count()
     if global_batch_size % num_processes:
         raise ValueError(
-            f"global batch size {global_batch_size} is not divisible by the {num_processes} "
+            f"{name} {global_batch_size} is not divisible by the {num_processes} "
             "processes; each process feeds an equal slice of the global batch."
         )
 

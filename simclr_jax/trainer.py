@@ -188,7 +188,6 @@ def _train(
     start = int(state.step)
     batches = plan.pretrain_batches(start)
     log.start(start)
-    metrics = None
     with _stop_requests() as stop_requests:
         for current in range(start, plan.total_steps):
             batch = parallel.host_batch_to_global(next(batches), mesh)
@@ -316,7 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     with contextlib.closing(checkpointer):
         mesh = parallel.data_mesh()
-        parallel.check_global_batch_size(config.global_batch_size, mesh)
+        parallel.check_global_batch_size(config.global_batch_size, mesh, "global_batch_size")
+        parallel.check_global_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
         plan = _RunPlan(config)
         _write_json(os.path.join(workdir, "config.json"), config.to_dict())
         state = jax.device_put(plan.initial_state(config.seed), parallel.replicated(mesh))

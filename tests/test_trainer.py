@@ -126,7 +126,8 @@ def test_checkpoint_of_an_incompatible_config_is_refused(config, tmp_path):
     [
         ("dataset", "fashion_mnistt", r"fashion_mnistt.*fashion_mnist"),
         ("eval_split", "validation", r"validation.*test"),
-        ("global_batch_size", 36, r"not divisible by the 8 devices"),
+        ("global_batch_size", 36, r"global_batch_size 36 is not divisible by the 8 devices"),
+        ("eval_batch_size", 100, r"eval_batch_size 100 is not divisible by the 8 devices"),
     ],
 )
 def test_bad_config_fails_early_with_a_clear_message(config, tmp_path, field, value, message):
