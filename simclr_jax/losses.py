@@ -18,6 +18,12 @@ import jax.numpy as jnp
 _SQUARED_NORM_EPS = 1e-12
 
 
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Rows of ``x`` scaled to unit L2 norm; zero rows stay zero (no NaN values or gradients)."""
+    squared_norms = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared_norms, _SQUARED_NORM_EPS))
+
+
 def _similarity_logits(z: jax.Array, temperature: float) -> jax.Array:
     """Returns the ``[2N, 2N]`` float32 matrix ``cos(z_i, z_j) / temperature`` (self included).
 
@@ -31,9 +37,7 @@ def _similarity_logits(z: jax.Array, temperature: float) -> jax.Array:
         )
     if isinstance(temperature, int | float) and temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
-    z = z.astype(jnp.float32)
-    squared_norms = jnp.sum(jnp.square(z), axis=-1, keepdims=True)
-    z = z * jax.lax.rsqrt(jnp.maximum(squared_norms, _SQUARED_NORM_EPS))
+    z = l2_normalize(z.astype(jnp.float32))
     similarity = jnp.matmul(z, z.T, precision=jax.lax.Precision.HIGHEST)
     return similarity / temperature
 

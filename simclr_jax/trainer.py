@@ -257,7 +257,7 @@ def _encoder_features(plan: _RunPlan, state: step.TrainState, mesh, embed_fn):
 def _monitor_metrics(plan: _RunPlan, train, test) -> dict[str, float]:
     """The cheap evaluations: the online probe's and kNN's top-1 on the eval split."""
     return {
-        "online_probe_top1": float(np.mean(np.argmax(test["logits"], -1) == test["label"])),
+        "online_probe_top1": float(linear_probe.top_k_accuracy(test["logits"], test["label"], 1)),
         "knn_top1": knn.knn_accuracy(
             train["h"],
             train["label"],

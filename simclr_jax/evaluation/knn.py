@@ -18,13 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Floor on the squared norm before normalising: zero rows stay zero instead of becoming NaN.
-_SQUARED_NORM_EPS = 1e-12
-
-
-def _l2_normalise(x: jax.Array) -> jax.Array:
-    squared_norms = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(squared_norms, _SQUARED_NORM_EPS))
+from simclr_jax.losses import l2_normalize
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "k", "temperature"))
@@ -37,7 +31,7 @@ def _predict_chunk(
     temperature: float | None,
 ) -> jax.Array:
     """Predicted labels of ``queries [b, d]`` against the L2-normalised ``bank [n, d]``."""
-    similarity = jnp.matmul(_l2_normalise(queries), bank.T, precision=jax.lax.Precision.HIGHEST)
+    similarity = jnp.matmul(l2_normalize(queries), bank.T, precision=jax.lax.Precision.HIGHEST)
     # Only the indices are taken from top_k: using its values too makes XLA:CPU sort whole rows.
     neighbours = jax.lax.top_k(similarity, k)[1]
     top_similarity = jnp.take_along_axis(similarity, neighbours, axis=-1)
@@ -88,7 +82,7 @@ def knn_predict(
         raise ValueError(f"temperature must be positive or None, got {temperature}.")
     if query_batch_size < 1:
         raise ValueError(f"query_batch_size must be positive, got {query_batch_size}.")
-    bank = _l2_normalise(jnp.asarray(train_features, jnp.float32)[labelled])
+    bank = l2_normalize(jnp.asarray(train_features, jnp.float32)[labelled])
     bank_labels = jnp.asarray(labels[labelled], jnp.int32)
 
     num_queries = len(query_features)
