@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.projection_layers = 2  # 2 = SimCLR v1, 3 = v2
     config.model.projection_dim = 128
     config.model.dtype = "float32"  # computation dtype of convolutions and dense layers
+    # "auto": kernel gradients as matrix products on CPU (much faster there), XLA's own
+    # convolution gradients on GPU/TPU; "xla" or "matmul_grads" force one (models/conv.py).
+    config.model.conv_impl = "auto"
 
     # --- Objective -------------------------------------------------------------------------
     config.temperature = 0.1  # NT-Xent τ: 0.1 ImageNet, 0.5 CIFAR-10

@@ -40,6 +40,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> SimCLR:
         projection_layers=config.model.projection_layers,
         projection_dim=config.model.projection_dim,
         dtype=jnp.dtype(config.model.dtype),
+        conv_impl=config.model.conv_impl,
     )
 
 
@@ -103,9 +104,11 @@ class _RunPlan:
         self.model = build_model(config, self.num_classes)
 
     def compatibility(self) -> dict[str, Any]:
-        """What a checkpoint must share with this run to be restored into it."""
+        """What a checkpoint must share with this run to be restored into it (how convolutions
+        are computed is not part of it: every ``conv_impl`` has the same parameters)."""
+        model = {k: v for k, v in self.config.model.to_dict().items() if k != "conv_impl"}
         return {
-            **self.config.model.to_dict(),
+            **model,
             "image_shape": list(self.image_shape),
             "num_classes": self.num_classes,
             "optimizer": self.config.optimizer,

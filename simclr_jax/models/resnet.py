@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from simclr_jax.models import conv as conv_lib
+
 _CONV_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 _STEMS = ("imagenet", "cifar")
 _GROUP_WIDTH_FACTORS = (1, 2, 4, 8)
@@ -74,8 +76,13 @@ def resnet_feature_dim(depth: int, width_multiplier: float = 1.0, base_width: in
     return last_group_width * (_BOTTLENECK_EXPANSION if layout.bottleneck else 1)
 
 
-def _conv(features: int, kernel_size: int, strides: int, *, dtype: Any, name: str) -> nn.Conv:
-    """A bias-free square convolution with the official symmetric (k-1)/2 padding."""
+def _conv(
+    features: int, kernel_size: int, strides: int, *, dtype: Any, conv_impl: str, name: str
+) -> nn.Conv:
+    """A bias-free square convolution with the official symmetric (k-1)/2 padding.
+
+    ``conv_impl`` is ``"xla"`` or ``"matmul_grads"`` (see :mod:`simclr_jax.models.conv`).
+    """
     pad_before = (kernel_size - 1) // 2
     padding = (pad_before, kernel_size - 1 - pad_before)
     return nn.Conv(
@@ -86,6 +93,9 @@ def _conv(features: int, kernel_size: int, strides: int, *, dtype: Any, name: st
         use_bias=False,
         kernel_init=_CONV_INIT,
         dtype=dtype,
+        conv_general_dilated=(
+            conv_lib.conv_general_dilated if conv_impl == "matmul_grads" else None
+        ),
         name=name,
     )
 
@@ -159,6 +169,9 @@ class ResNet(nn.Module):
       bn_epsilon: BN variance epsilon.
       dtype: computation dtype of convolutions and BN (e.g. jnp.bfloat16); parameters and BN
         statistics stay float32, and h is returned in float32.
+      conv_impl: how convolutions are computed: "xla", "matmul_grads" (kernel gradients as
+        matrix products, much faster on XLA:CPU) or "auto" (matmul_grads on the CPU backend,
+        xla elsewhere); same parameters and, within float32 rounding, the same numbers.
 
     Parameters live under `stem_conv`, `stem_bn` and `group{g}_block{b}` (1-based); inside a
     block: `conv1`, `bn1`, ... and `shortcut_conv`, `shortcut_bn`. Every BN scale/bias is 1-D
@@ -172,9 +185,11 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _layout(self.depth)
+        conv_lib.resolve_conv_impl(self.conv_impl)
         _base_group_width(self.base_width, self.width_multiplier)
         if self.stem not in _STEMS:
             raise ValueError(f"Unknown stem {self.stem!r}; valid stems: {list(_STEMS)}.")
@@ -184,7 +199,9 @@ class ResNet(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         layout = _layout(self.depth)
         width = _base_group_width(self.base_width, self.width_multiplier)
-        conv = functools.partial(_conv, dtype=self.dtype)
+        conv = functools.partial(
+            _conv, dtype=self.dtype, conv_impl=conv_lib.resolve_conv_impl(self.conv_impl)
+        )
         norm = functools.partial(
             nn.BatchNorm,
             use_running_average=not train,

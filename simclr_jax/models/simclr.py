@@ -50,6 +50,7 @@ def simclr_resnet(
     projection_dim: int = 128,
     base_width: int = 64,
     dtype: Any = jnp.float32,
+    conv_impl: str = "auto",
 ) -> SimCLR:
     """SimCLR with a `ResNet` encoder and the official `ProjectionHead` (hidden width = d)."""
     return SimCLR(
@@ -59,6 +60,7 @@ def simclr_resnet(
             base_width=base_width,
             stem=stem,
             dtype=dtype,
+            conv_impl=conv_impl,
         ),
         projection_head=ProjectionHead(
             num_layers=projection_layers, output_dim=projection_dim, dtype=dtype
