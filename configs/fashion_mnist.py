@@ -31,4 +31,9 @@ def get_config():
     config.log_every_steps = 20
     config.checkpoint_every_steps = 100
     config.eval_batch_size = 1000
+    # python -m simclr_jax.evaluate: SGD protocols shortened for a CPU.
+    config.evaluation.linear_sgd.epochs = 5.0
+    config.evaluation.linear_sgd.batch_size = 256
+    config.evaluation.finetune.epochs = (20.0, 4.0, 1.0)  # for 1%, 10%, 100% of the labels
+    config.evaluation.finetune.batch_size = 256
     return config
