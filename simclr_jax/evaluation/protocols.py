@@ -203,7 +203,7 @@ def _train_classifier(
         jax.random.key(seed),
         run.plan.image_shape,
         learning_rate,
-        pretrained=jax.device_get(variables) if pretrained else None,
+        pretrained=variables if pretrained else None,
     )
     started = time.perf_counter()
     result = supervised.train_and_score(

@@ -86,6 +86,7 @@ def initial_state(
     )
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     if pretrained is not None:
+        pretrained = jax.device_get(pretrained)  # copies: training donates its state's buffers
         params = _take_pretrained(params, pretrained["params"])
         batch_stats = _take_pretrained(batch_stats, pretrained["batch_stats"])
     tx = optax.sgd(learning_rate, momentum=0.9, nesterov=True)
@@ -115,6 +116,7 @@ def train_step(state: step.TrainState, batch: dict[str, jax.Array]):
     return state, {"loss": loss, "accuracy": accuracy}
 
 
+@functools.cache
 def _jit_train_step(mesh: Mesh):
     replicated = parallel.replicated(mesh)
     return jax.jit(
@@ -125,6 +127,7 @@ def _jit_train_step(mesh: Mesh):
     )
 
 
+@functools.cache
 def _jit_logits(mesh: Mesh):
     def logits(state, images):
         variables = {"params": state.params, "batch_stats": state.batch_stats}
