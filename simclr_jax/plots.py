@@ -15,7 +15,7 @@ import numpy as np
 
 # Panels of the training-curve figure: (title, metrics.jsonl keys drawn in it).
 CURVE_PANELS = (
-    ("loss", ("loss", "contrastive_loss")),
+    ("loss", ("loss", "contrastive_loss", "probe_loss")),
     ("contrastive accuracy", ("contrastive_accuracy",)),
     ("probe accuracy", ("probe_accuracy", "eval_online_probe_top1", "eval_knn_top1")),
     ("learning rate", ("learning_rate",)),

@@ -15,7 +15,7 @@ from simclr_jax.evaluation import protocols
 # Every protocol sized to a few steps on the tiny run (train[:256], test[:100], 16 px).
 SMALL = {
     "evaluation.knn_ks": (5, 10),
-    "evaluation.label_budgets": (2, 5),
+    "evaluation.label_budgets": (3,),
     "evaluation.linear_sgd.epochs": 0.25,
     "evaluation.linear_sgd.batch_size": 64,
     "evaluation.finetune.fractions": (0.5,),
@@ -51,7 +51,7 @@ def test_every_protocol_writes_results_and_pictures(run_dir):
     eval_dir = run_dir / "eval"
     for name in evaluate.PROTOCOL_NAMES:
         stored = json.loads((eval_dir / f"{name}.json").read_text())
-        assert stored["results"] == pytest.approx(json.loads(json.dumps(outcomes[name]["results"])))
+        assert stored["results"] == json.loads(json.dumps(outcomes[name]["results"]))
         assert stored["checkpoint_step"] == 8 and stored["seconds"] > 0
     results = {name: outcome["results"] for name, outcome in outcomes.items()}
 
@@ -68,9 +68,8 @@ def test_every_protocol_writes_results_and_pictures(run_dir):
         "k=10 majority",
         "k=10 T=0.07",
     }
-    for n in (2, 5):
-        assert results["label_budget"][str(n)]["num_labels"] == 10 * n
-        accuracy(results["label_budget"][str(n)])
+    assert results["label_budget"]["3"]["num_labels"] == 30
+    accuracy(results["label_budget"]["3"])
     entry = results["finetune"]["0.5"]
     assert 126 <= entry["num_labels"] <= 130  # half of each class of train[:256]
     assert entry["pretrained"]["steps"] == entry["scratch"]["steps"] == 2
@@ -80,14 +79,14 @@ def test_every_protocol_writes_results_and_pictures(run_dir):
     # Pictures: 16 px cells, 2 px padding, scaled 3x; figures at 100 dpi.
     assert _png_size(eval_dir / "augmented_views.png") == (3 * (4 * 18 + 2), 3 * (2 * 18 + 2))
     assert _png_size(eval_dir / "retrieval.png") == (3 * (5 * 18 + 2), 3 * (3 * 18 + 2))
-    assert results["export"]["bytes"] == (eval_dir / "encoder.msgpack").stat().st_size
+    assert results["export"]["path"] == str(eval_dir / "encoder.msgpack")
     assert _png_size(eval_dir / "training_curves.png") == (1000, 700)
     assert _png_size(eval_dir / "embedding_tsne.png") == (700, 700)
 
     rows = protocols.summary_rows(results)
-    assert len(rows) == 2 + 4 + 2 + 2  # linear, kNN, budgets, fraction x (pretrained, scratch)
+    assert len(rows) == 2 + 4 + 1 + 2  # linear, kNN, budget, fraction x (pretrained, scratch)
     table = protocols.format_table(rows).splitlines()
-    assert table[0].split() == ["protocol", "setting", "top-1", "top-5"] and len(table) == 11
+    assert table[0].split() == ["protocol", "setting", "top-1", "top-5"] and len(table) == 10
 
 
 def test_exported_encoder_reproduces_the_checkpoint_features(run_dir, tmp_path):

@@ -221,8 +221,10 @@ def export(run: Run) -> dict[str, Any]:
     exported = encoder_lib.from_state(
         run.state, run.config, run.plan.num_classes, run.plan.image_shape
     )
-    path = encoder_lib.export_encoder(exported, os.path.join(run.output_dir, "encoder.msgpack"))
-    return {"path": path, "bytes": os.path.getsize(path)}
+    path = os.path.join(run.output_dir, "encoder.msgpack")
+    if jax.process_index() == 0:
+        encoder_lib.export_encoder(exported, path)
+    return {"path": path}
 
 
 PICTURES = {
@@ -239,6 +241,9 @@ def pictures(run: Run) -> dict[str, Any]:
     settings = run.config.evaluation
     rng = np.random.default_rng(settings.seed)
     paths = {name: os.path.join(run.output_dir, file) for name, file in PICTURES.items()}
+    test, train = run.test, run.train  # extraction is collective: every process takes part
+    if jax.process_index() != 0:
+        return paths  # the first process draws
 
     metrics = os.path.join(run.workdir, "metrics.jsonl")
     if os.path.isfile(metrics):
@@ -246,7 +251,6 @@ def pictures(run: Run) -> dict[str, Any]:
     else:
         del paths["training_curves"]
 
-    test = run.test
     shown = np.sort(rng.choice(len(test["h"]), min(settings.embedding_points, len(test["h"]))))
     points = plots.embedding_2d(test["h"][shown], seed=settings.seed)
     plots.save_embedding_map(points, test["label"][shown], paths["embedding_map"])
@@ -274,7 +278,7 @@ def pictures(run: Run) -> dict[str, Any]:
     )
 
     queries = np.sort(rng.choice(len(test["h"]), settings.retrieval_queries, replace=False))
-    neighbours = knn.nearest_neighbours(run.train["h"], test["h"][queries], settings.retrieval_k)
+    neighbours = knn.nearest_neighbours(train["h"], test["h"][queries], settings.retrieval_k)
     read = functools.partial(
         pipeline.examples_at,
         run.config.dataset,
