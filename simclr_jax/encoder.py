@@ -95,7 +95,13 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         stored = json.load(f)
     config = default.get_config()
-    config.update_from_flattened_dict(_flatten(stored))
+    try:
+        config.update_from_flattened_dict(_flatten(stored))
+    except (KeyError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"{path} does not fit this version's configs/default.py ({error}); evaluate it with "
+            "the version of simclr_jax that trained it."
+        ) from error
     return config
 
 
