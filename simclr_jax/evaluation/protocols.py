@@ -19,7 +19,8 @@ from jax.sharding import Mesh
 from simclr_jax import encoder as encoder_lib
 from simclr_jax import parallel, plots, step, trainer, visualize
 from simclr_jax.data import pipeline
-from simclr_jax.evaluation import features, knn, linear_probe, subsets, supervised
+from simclr_jax.evaluation import knn, linear_probe, subsets, supervised
+from simclr_jax.evaluation.features import extract_features
 
 
 @dataclasses.dataclass
@@ -46,7 +47,7 @@ class Run:
     def features(self, split: str) -> dict[str, np.ndarray]:
         """``{"h", "label"}`` of every example of ``split`` (extracted once, then reused)."""
         if split not in self._features:
-            self._features[split] = features.extract_features(
+            self._features[split] = extract_features(
                 step.jit_embed_step(self.mesh), self.state, self.plan.eval_batches(split), self.mesh
             )
         return self._features[split]
