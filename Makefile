@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install fashion-mnist-files train test lint format
+.PHONY: install fashion-mnist-files train evaluate test lint format
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ fashion-mnist-files:
 
 train: install fashion-mnist-files
 	$(BIN)/python -m simclr_jax.train
+
+# Every evaluation protocol on the run `make train` wrote (tables, JSON and PNGs in its eval/).
+evaluate: install fashion-mnist-files
+	$(BIN)/python -m simclr_jax.evaluate --workdir=workdirs/fashion_mnist
 
 test: install fashion-mnist-files lint
 	$(BIN)/python -m pytest

@@ -75,4 +75,31 @@ def get_config() -> ml_collections.ConfigDict:
     config.linear_probe_holdout_fraction = 0.1  # part of the train split that picks the ℓ2
     config.compute_baselines = True  # raw-pixel and random-encoder linear probes
 
+    # --- Evaluation suite: python -m simclr_jax.evaluate (SimCLR §6) -----------------------------
+    config.evaluation = ml_collections.ConfigDict()
+    config.evaluation.seed = 0  # fixes the label subsets, SGD streams and picture samples
+    config.evaluation.knn_ks = (20, 200)  # each k with a majority and a weighted vote
+    config.evaluation.knn_temperature = 0.07  # T of the weighted vote exp(sim / T)
+    config.evaluation.label_budgets = (10, 20, 50, 100, 200, 500)  # labels per class (L-BFGS)
+    # Linear head on the frozen encoder, Nesterov SGD on crop+flip views (paper's ImageNet eval).
+    config.evaluation.linear_sgd = ml_collections.ConfigDict()
+    config.evaluation.linear_sgd.epochs = 90.0  # passes over the labelled split (may be < 1)
+    config.evaluation.linear_sgd.batch_size = 4096  # global batch
+    config.evaluation.linear_sgd.base_learning_rate = 0.1  # lr = base·B/256, cosine decay, no wd
+    # Fine-tuning the whole network on class-balanced label fractions (paper Table 7), and the
+    # same network trained from scratch on the same subset with the same schedule.
+    config.evaluation.finetune = ml_collections.ConfigDict()
+    config.evaluation.finetune.fractions = (0.01, 0.1, 1.0)  # of each class's labels
+    config.evaluation.finetune.epochs = (60.0, 30.0, 30.0)  # one per fraction (paper 60, 30)
+    config.evaluation.finetune.batch_size = 4096  # global batch
+    config.evaluation.finetune.base_learning_rate = 0.05  # lr = base·B/256, cosine, no wd
+    # Projection-head layers kept below the classifier (SimCLRv2 ft_proj_selector): 0 = from h.
+    config.evaluation.finetune.head_layers = 0
+    config.evaluation.finetune.from_scratch = True  # also train the randomly initialised net
+    # Pictures.
+    config.evaluation.embedding_points = 2000  # test points in the t-SNE map
+    config.evaluation.retrieval_queries = 8  # test images in the retrieval grid
+    config.evaluation.retrieval_k = 8  # train neighbours shown per query
+    config.evaluation.view_pairs = 16  # augmented view pairs in the augmentation grid
+
     return config

@@ -6,8 +6,6 @@ e.g. ``--config.global_batch_size=512``; the config is locked, so a misspelt fie
 Rerunning the same command resumes from the latest checkpoint in the workdir.
 """
 
-import ast
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -15,12 +13,10 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "fashion_mnist.py"
-# Recipes in configs/ import configs/default.py as `configs.default`: make that importable from
-# any working directory.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from simclr_jax import cli
+
+DEFAULT_CONFIG = cli.REPO_ROOT / "configs" / "fashion_mnist.py"
+cli.add_configs_to_path()
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(DEFAULT_CONFIG), "Path to a config file (configs/*.py).", lock_config=True
@@ -34,17 +30,6 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "Call jax.distributed.initialize() first (multi-host runs; on Cloud TPU, SLURM or with "
     "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID it needs no arguments).",
 )
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """Parses the command line; a misspelt or mistyped config override is one clear error line."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-        detail = str(error.args[0] if error.args else error)
-        with contextlib.suppress(ValueError, SyntaxError):
-            detail = str(ast.literal_eval(detail))  # ml_collections nests a KeyError's repr
-        sys.exit(f"error: invalid command line or config override: {' '.join(detail.split())}")
 
 
 def main(argv: list[str]) -> None:
@@ -73,4 +58,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from simclr_jax.evaluation import knn_accuracy, knn_predict
+from simclr_jax.evaluation import knn_accuracy, knn_predict, nearest_neighbours
 
 NUM_CLASSES = 5
 
@@ -106,3 +106,13 @@ def test_non_positive_temperature_errors():
     train, train_labels, queries, _ = _data(seed=0)
     with pytest.raises(ValueError, match="temperature"):
         knn_predict(train, train_labels, queries, NUM_CLASSES, k=5, temperature=0.0)
+
+
+def test_nearest_neighbours_match_brute_force():
+    train, _, queries, _ = _data(seed=3)
+    expected = np.argsort(
+        -(train / np.linalg.norm(train, axis=1, keepdims=True)) @ queries.T, axis=0, kind="stable"
+    )[:7].T
+    np.testing.assert_array_equal(nearest_neighbours(train, queries, 7), expected)
+    with pytest.raises(ValueError, match="bank size"):
+        nearest_neighbours(train, queries, len(train) + 1)

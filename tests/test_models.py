@@ -448,3 +448,24 @@ def test_invalid_width_and_classes():
         ResNet(base_width=1, width_multiplier=0.25)
     with pytest.raises(ValueError, match="num_classes"):
         SimCLR(encoder=ResNet(), projection_head=ProjectionHead(), num_classes=0)
+
+
+def test_projection_head_keep_layers_stops_after_the_hidden_layers():
+    h = jax.random.normal(jax.random.key(0), (4, 6))
+    variables = ProjectionHead(num_layers=3, output_dim=5).init(jax.random.key(1), h, train=False)
+    kept = ProjectionHead(num_layers=3, output_dim=5, keep_layers=1)
+    subset = {
+        collection: {name: tree[name] for name in ("dense_0", "bn_0") if name in tree}
+        for collection, tree in variables.items()
+    }
+    assert jax.tree.structure(kept.init(jax.random.key(1), h, train=False)) == jax.tree.structure(
+        subset
+    )
+    # Layer 0 in inference mode with fresh BN statistics (mean 0, variance 1): relu(h W / √(1+ε)).
+    expected = jax.nn.relu(h @ subset["params"]["dense_0"]["kernel"] / np.sqrt(1 + 1e-5))
+    np.testing.assert_allclose(kept.apply(subset, h, train=False), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        ProjectionHead(num_layers=2, keep_layers=0).apply({}, h, train=False), h
+    )
+    with pytest.raises(ValueError, match="keep_layers"):
+        ProjectionHead(num_layers=2, keep_layers=2)

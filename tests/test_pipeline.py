@@ -382,3 +382,64 @@ def test_num_batches():
     assert [pipeline.num_batches(n, 4) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
     with pytest.raises(ValueError):
         pipeline.num_batches(3, 0)
+
+
+def test_split_labels_are_in_split_order(tiny_data_dir):
+    labels = pipeline.split_labels("tiny_indexed_images", "train", data_dir=tiny_data_dir)
+    np.testing.assert_array_equal(labels, masked_labels(tiny_eval(tiny_data_dir)))
+    assert labels.dtype == np.int32
+
+
+def test_examples_at_returns_the_requested_examples_in_order(tiny_data_dir):
+    indices = np.array([5, 0, 12, 5])
+    images = pipeline.examples_at(
+        "tiny_indexed_images", "train", indices, image_size=TINY_SIDE, data_dir=tiny_data_dir
+    )
+    assert images.shape == (4, TINY_SIDE, TINY_SIDE, 3)
+    labels = pipeline.split_labels("tiny_indexed_images", "train", data_dir=tiny_data_dir)
+    np.testing.assert_allclose(images[:, 0, 0, 0], (labels[indices] + 1) / 255.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_labelled_batches_cycle_over_exactly_the_subset(tiny_data_dir, process_count):
+    indices = np.array([1, 3, 4, 8, 9, 12])
+    batch_size = 3 if process_count == 1 else 1
+    seen = []
+    for process_index in range(process_count):
+        stream = pipeline.labelled_batches(
+            "tiny_indexed_images",
+            "train",
+            indices,
+            host_batch_size=batch_size,
+            image_size=TINY_SIDE,
+            seed=0,
+            data_dir=tiny_data_dir,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        # Two epochs of this process's share of the six examples.
+        for batch in take(stream, 2 * len(indices) // (batch_size * process_count)):
+            assert batch["image"].shape == (batch_size, TINY_SIDE, TINY_SIDE, 3)
+            # A crop of a constant image is constant, with the value of its example.
+            np.testing.assert_allclose(
+                batch["image"][:, 0, 0, 0], (batch["label"] + 1) / 255.0, rtol=1e-5
+            )
+            seen.append(batch["label"])
+    labels = pipeline.split_labels("tiny_indexed_images", "train", data_dir=tiny_data_dir)
+    # Every chosen example exactly twice, nothing else.
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate(seen)), np.sort(np.repeat(labels[indices], 2))
+    )
+
+
+def test_labelled_batches_reject_positions_outside_the_split(tiny_data_dir):
+    with pytest.raises(ValueError, match="positions in"):
+        pipeline.labelled_batches(
+            "tiny_indexed_images",
+            "train",
+            np.array([0, 13]),
+            host_batch_size=2,
+            image_size=TINY_SIDE,
+            seed=0,
+            data_dir=tiny_data_dir,
+        )

@@ -25,7 +25,12 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from simclr_jax.data.augment import AugmentConfig, eval_preprocess, simclr_views
+from simclr_jax.data.augment import (
+    AugmentConfig,
+    eval_preprocess,
+    linear_eval_augment,
+    simclr_views,
+)
 from simclr_jax.data.sources import (
     UNLABELLED,
     DatasetInfo,
@@ -38,9 +43,12 @@ __all__ = [
     "DatasetInfo",
     "dataset_info",
     "eval_batches",
+    "examples_at",
+    "labelled_batches",
     "num_batches",
     "prepare_dataset",
     "pretrain_batches",
+    "split_labels",
 ]
 
 DEFAULT_SHUFFLE_BUFFER = 50_000
@@ -193,6 +201,111 @@ def eval_batches(
         .prefetch(tf.data.AUTOTUNE)
     )
     return stream.with_options(_deterministic_options()).as_numpy_iterator()
+
+
+def split_labels(
+    name: str, split: str, *, data_dir: str | None = None, dataset_dir: str | None = None
+) -> np.ndarray:
+    """The labels ``int32 [num_examples]`` of the whole split, in split order (no image decoded)."""
+    source = open_source(
+        name, split, process_index=0, process_count=1, data_dir=data_dir, dataset_dir=dataset_dir
+    )
+    labels = source.records.map(lambda record: record["label"]).batch(65536)
+    return np.concatenate([np.zeros(0, np.int32), *labels.as_numpy_iterator()]).astype(np.int32)
+
+
+def _records_at(source, indices: np.ndarray) -> tf.data.Dataset:
+    """The records at positions ``indices`` of the whole split ``source``, in split order."""
+    indices = np.asarray(indices)
+    num_examples = source.info.num_examples
+    if indices.size == 0 or indices.min() < 0 or indices.max() >= num_examples:
+        raise ValueError(
+            f"indices must be a non-empty selection of positions in [0, {num_examples}) "
+            f"of the split, got {indices.size} indices."
+        )
+    selected = np.zeros(num_examples, bool)
+    selected[indices] = True
+    selected = tf.constant(selected)
+    return (
+        source.records.enumerate()
+        .filter(lambda position, _: selected[position])
+        .map(lambda _, record: record)
+    )
+
+
+def labelled_batches(
+    name: str,
+    split: str,
+    indices: np.ndarray,
+    *,
+    host_batch_size: int,
+    image_size: int,
+    seed: int,
+    data_dir: str | None = None,
+    dataset_dir: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless ``{"image": float32 [b, S, S, C], "label": int32 [b]}`` of a labelled subset.
+
+    For supervised training on the examples at ``indices`` of the split (label budgets, fine-
+    tuning): each image is augmented with random crop + resize and flip
+    (:func:`augment.linear_eval_augment`), seeded by its position in the stream. Each process
+    takes its own share of the subset and reshuffles it every epoch (buffer = the whole share).
+    """
+    if host_batch_size <= 0:
+        raise ValueError(f"host_batch_size must be positive, got {host_batch_size}")
+    process_index, process_count = _process(process_index, process_count)
+    source = open_source(
+        name, split, process_index=0, process_count=1, data_dir=data_dir, dataset_dir=dataset_dir
+    )
+    share = len(np.unique(indices)[process_index::process_count])
+    if share == 0:
+        raise ValueError(f"{len(indices)} examples cannot feed {process_count} processes.")
+    records = _records_at(source, indices).shard(process_count, process_index).cache()
+    key = tf.random.experimental.stateless_fold_in(tf.constant([0, seed], tf.int64), process_index)
+    augment_key = tf.random.experimental.stateless_fold_in(key, _AUGMENT_STREAM)
+
+    def augment(position: tf.Tensor, record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        example_key = tf.random.experimental.stateless_fold_in(augment_key, position)
+        image = linear_eval_augment(source.decode_image(record["image"]), example_key, image_size)
+        return {"image": image, "label": record["label"]}
+
+    stream = (
+        records.shuffle(share, seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .enumerate()
+        .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(host_batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    return stream.with_options(_deterministic_options()).as_numpy_iterator()
+
+
+def examples_at(
+    name: str,
+    split: str,
+    indices: np.ndarray,
+    *,
+    image_size: int,
+    center_crop_fraction: float | None = None,
+    data_dir: str | None = None,
+    dataset_dir: str | None = None,
+) -> np.ndarray:
+    """Evaluation-preprocessed images ``float32 [len(indices), S, S, C]`` at ``indices``, in the
+    order given (e.g. to show the neighbours of a query)."""
+    source = open_source(
+        name, split, process_index=0, process_count=1, data_dir=data_dir, dataset_dir=dataset_dir
+    )
+    indices = np.asarray(indices)
+    unique = np.unique(indices)
+    images = _records_at(source, unique).map(
+        lambda record: eval_preprocess(
+            source.decode_image(record["image"]), image_size, center_crop_fraction
+        )
+    )
+    stacked = np.stack(list(images.as_numpy_iterator()))
+    return stacked[np.searchsorted(unique, indices)]
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """Evaluation of frozen representations: feature extraction, linear probe and k-NN."""
 
 from simclr_jax.evaluation.features import extract_features
-from simclr_jax.evaluation.knn import knn_accuracy, knn_predict
+from simclr_jax.evaluation.knn import knn_accuracy, knn_predict, nearest_neighbours
 from simclr_jax.evaluation.linear_probe import (
     DEFAULT_L2_GRID,
     LogisticRegression,
@@ -19,6 +19,7 @@ __all__ = [
     "knn_accuracy",
     "knn_predict",
     "linear_probe_accuracy",
+    "nearest_neighbours",
     "predict",
     "top_k_accuracy",
 ]

@@ -21,6 +21,29 @@ import numpy as np
 from simclr_jax.losses import l2_normalize
 
 
+def _neighbours(bank: jax.Array, queries: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Indices ``[b, k]`` of the most cosine-similar rows of the L2-normalised ``bank`` to each
+    query (lower index first among equals), and their similarities."""
+    similarity = jnp.matmul(l2_normalize(queries), bank.T, precision=jax.lax.Precision.HIGHEST)
+    # Only the indices are taken from top_k: using its values too makes XLA:CPU sort whole rows.
+    neighbours = jax.lax.top_k(similarity, k)[1]
+    return neighbours, jnp.take_along_axis(similarity, neighbours, axis=-1)
+
+
+def nearest_neighbours(
+    bank_features: jax.Array | np.ndarray, query_features: jax.Array | np.ndarray, k: int
+) -> np.ndarray:
+    """Rows ``[n_query, k]`` of ``bank_features`` most cosine-similar to each query, best first
+    (e.g. the train images to show next to a test image)."""
+    if not 1 <= k <= len(bank_features):
+        raise ValueError(f"k={k} must be between 1 and the bank size ({len(bank_features)}).")
+    bank = l2_normalize(jnp.asarray(bank_features, jnp.float32))
+    neighbours, _ = jax.jit(_neighbours, static_argnums=2)(
+        bank, jnp.asarray(query_features, jnp.float32), k
+    )
+    return np.asarray(neighbours)
+
+
 @functools.partial(jax.jit, static_argnames=("num_classes", "k", "temperature"))
 def _predict_chunk(
     bank: jax.Array,
@@ -31,10 +54,7 @@ def _predict_chunk(
     temperature: float | None,
 ) -> jax.Array:
     """Predicted labels of ``queries [b, d]`` against the L2-normalised ``bank [n, d]``."""
-    similarity = jnp.matmul(l2_normalize(queries), bank.T, precision=jax.lax.Precision.HIGHEST)
-    # Only the indices are taken from top_k: using its values too makes XLA:CPU sort whole rows.
-    neighbours = jax.lax.top_k(similarity, k)[1]
-    top_similarity = jnp.take_along_axis(similarity, neighbours, axis=-1)
+    neighbours, top_similarity = _neighbours(bank, queries, k)
     if temperature is None:
         votes = jnp.ones_like(top_similarity)
     else:

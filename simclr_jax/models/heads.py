@@ -25,6 +25,9 @@ class ProjectionHead(nn.Module):
       bn_momentum: BN moving-average decay.
       bn_epsilon: BN variance epsilon.
       dtype: computation dtype; parameters stay float32 and z is returned in float32.
+      keep_layers: None for the whole head (z); ``k < num_layers`` applies only the first ``k``
+        hidden layers and returns their output (0: h itself), for fine-tuning from the middle of
+        the head (SimCLRv2's ``ft_proj_selector``) with the pretrained parameter names.
 
     Parameters live under `dense_{i}` (`kernel`) and `bn_{i}` (`scale`, and `bias` except on
     the last layer), i = 0 .. num_layers-1.
@@ -36,17 +39,23 @@ class ProjectionHead(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    keep_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {self.num_layers}.")
+        if self.keep_layers is not None and not 0 <= self.keep_layers < self.num_layers:
+            raise ValueError(
+                f"keep_layers must be in [0, {self.num_layers}) (hidden layers), "
+                f"got {self.keep_layers}."
+            )
         super().__post_init__()
 
     @nn.compact
     def __call__(self, h: jnp.ndarray, train: bool) -> jnp.ndarray:
         hidden_dim = h.shape[-1] if self.hidden_dim is None else self.hidden_dim
         x = h
-        for i in range(self.num_layers):
+        for i in range(self.num_layers if self.keep_layers is None else self.keep_layers):
             last = i == self.num_layers - 1
             x = nn.Dense(
                 self.output_dim if last else hidden_dim,

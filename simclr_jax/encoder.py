@@ -1,0 +1,180 @@
+"""A pretrained SimCLR network as a feature extractor: from a state, a run's checkpoint, or a file.
+
+:class:`Encoder` holds the network (encoder f, projection head g, online probe) and its
+variables (parameters and batch-norm statistics), without optimiser state. ``encoder(images)``
+gives ``h`` (or ``z``, or the probe's logits) in inference mode; :func:`features` is the same
+pure function for use inside another ``jax.jit``/``jax.grad`` program.
+:func:`export_encoder` writes it to one msgpack file that also records the model config, and
+:func:`load_encoder` rebuilds it from that file alone.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import serialization
+
+from simclr_jax import checkpointing, cli, parallel, step, trainer
+from simclr_jax.models import SimCLR
+
+_FORMAT = "simclr_jax.encoder"
+_VERSION = 1
+OUTPUTS = ("h", "z", "logits")
+
+
+def features(model: SimCLR, variables: dict[str, Any], images: jax.Array, output: str = "h"):
+    """``output`` (``"h"``, ``"z"`` or ``"logits"``) of ``model`` on ``images [B, H, W, C]``.
+
+    Pure and traceable: batch-norm uses its running statistics, nothing is updated.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
+    return model.apply(variables, images, train=False)[output]
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """A pretrained network and its variables ``{"params", "batch_stats"}``.
+
+    ``model_config`` is the run's ``config.model`` as a dict; ``image_shape`` the ``(H, W, C)``
+    the network was trained on; ``num_classes`` the width of its online probe.
+    """
+
+    model: SimCLR
+    variables: dict[str, Any]
+    model_config: dict[str, Any]
+    num_classes: int
+    image_shape: tuple[int, int, int]
+
+    def __call__(self, images: jax.Array | np.ndarray, output: str = "h") -> jax.Array:
+        """Jitted :func:`features` of ``images`` (float32 in [0, 1], ``[B, H, W, C]``)."""
+        images = np.asarray(images, np.float32) if isinstance(images, np.ndarray) else images
+        if tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"images must have shape [B, {', '.join(map(str, self.image_shape))}], "
+                f"got {list(images.shape)}."
+            )
+        return _jit_features(self.model, output)(self.variables, images)
+
+
+@functools.cache
+def _jit_features(model: SimCLR, output: str):
+    return jax.jit(functools.partial(features, model, output=output))
+
+
+def from_state(
+    state: step.TrainState,
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+) -> Encoder:
+    """The :class:`Encoder` of a train state of the run ``config`` (the model it describes)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return Encoder(
+        model=trainer.build_model(config, num_classes),
+        variables=jax.device_get(variables),
+        model_config=config.model.to_dict(),
+        num_classes=num_classes,
+        image_shape=tuple(image_shape),
+    )
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run wrote to ``WORKDIR/config.json`` (fields it lacks take their defaults)."""
+    cli.add_configs_to_path()
+    from configs import default
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; is {workdir} the workdir of a run?")
+    with open(path) as f:
+        stored = json.load(f)
+    config = default.get_config()
+    try:
+        config.update_from_flattened_dict(_flatten(stored))
+    except (KeyError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"{path} does not fit this version's configs/default.py ({error}); evaluate it with "
+            "the version of simclr_jax that trained it."
+        ) from error
+    return config
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def restore_state(
+    plan: "trainer._RunPlan", workdir: str, mesh, step_number: int | None = None
+) -> step.TrainState:
+    """The train state of checkpoint ``step_number`` (default: latest) of the run in ``workdir``,
+    replicated over ``mesh``."""
+    directory = os.path.join(workdir, "checkpoints")
+    template = jax.device_put(plan.initial_state(plan.config.seed), parallel.replicated(mesh))
+    with checkpointing.Checkpointer(directory, max_to_keep=None) as checkpointer:
+        if checkpointer.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}; train the run first.")
+        state, _ = checkpointer.restore(template, step_number, compatibility=plan.compatibility())
+    return state
+
+
+def from_checkpoint(workdir: str, step_number: int | None = None) -> Encoder:
+    """The :class:`Encoder` of a run's checkpoint (default: the latest), on this process."""
+    plan = trainer._RunPlan(read_run_config(workdir))
+    state = restore_state(plan, workdir, parallel.data_mesh(), step_number)
+    return from_state(state, plan.config, plan.num_classes, plan.image_shape)
+
+
+def export_encoder(encoder: Encoder, path: str | os.PathLike) -> str:
+    """Writes ``encoder`` (variables + model config, no optimiser state) to ``path``; returns it."""
+    payload = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "metadata": json.dumps(
+            {
+                "model": encoder.model_config,
+                "num_classes": encoder.num_classes,
+                "image_shape": list(encoder.image_shape),
+            }
+        ),
+        "variables": jax.tree.map(np.asarray, encoder.variables),
+    }
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(serialization.msgpack_serialize(payload))
+    os.replace(tmp, path)
+    return path
+
+
+def load_encoder(path: str | os.PathLike) -> Encoder:
+    """The :class:`Encoder` written by :func:`export_encoder`; needs no training code or config."""
+    with open(path, "rb") as f:
+        try:
+            payload = serialization.msgpack_restore(f.read())
+        except Exception as error:
+            raise ValueError(f"{path} is not an exported simclr_jax encoder ({error}).") from error
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not an exported simclr_jax encoder.")
+    if payload["version"] != _VERSION:
+        raise ValueError(f"{path} has format version {payload['version']}, expected {_VERSION}.")
+    metadata = json.loads(payload["metadata"])
+    config = ml_collections.ConfigDict({"model": metadata["model"]})
+    return Encoder(
+        model=trainer.build_model(config, metadata["num_classes"]),
+        variables=payload["variables"],
+        model_config=metadata["model"],
+        num_classes=metadata["num_classes"],
+        image_shape=tuple(metadata["image_shape"]),
+    )

@@ -1,0 +1,351 @@
+"""The evaluation protocols of ``python -m simclr_jax.evaluate``, on a restored pretraining run.
+
+Each protocol takes a :class:`Run` and returns a JSON-serialisable dict (accuracies are
+fractions in [0, 1]); :func:`summary_rows` turns results into the terminal table's rows. Sizes
+(epochs, batch sizes, label budgets, ...) come from ``config.evaluation`` (``configs/default.py``).
+"""
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from simclr_jax import encoder as encoder_lib
+from simclr_jax import parallel, plots, step, trainer, visualize
+from simclr_jax.data import pipeline
+from simclr_jax.evaluation import knn, linear_probe, subsets, supervised
+from simclr_jax.evaluation.features import extract_features
+
+
+@dataclasses.dataclass
+class Run:
+    """A pretraining run restored for evaluation: its plan (config, data, model), its state on
+    ``mesh``, and the directory the results go to (``WORKDIR/eval``)."""
+
+    plan: "trainer._RunPlan"
+    state: step.TrainState
+    mesh: Mesh
+    workdir: str
+    _features: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.plan.config
+
+    @property
+    def output_dir(self) -> str:
+        path = os.path.join(self.workdir, "eval")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def features(self, split: str) -> dict[str, np.ndarray]:
+        """``{"h", "label"}`` of every example of ``split`` (extracted once, then reused)."""
+        if split not in self._features:
+            self._features[split] = extract_features(
+                step.jit_embed_step(self.mesh), self.state, self.plan.eval_batches(split), self.mesh
+            )
+        return self._features[split]
+
+    @property
+    def train(self) -> dict[str, np.ndarray]:
+        return self.features(self.config.probe_train_split)
+
+    @property
+    def test(self) -> dict[str, np.ndarray]:
+        return self.features(self.config.eval_split)
+
+    def labelled_batches(self, indices: np.ndarray, batch_size: int, seed: int):
+        """Crop+flip batches of the probe-train examples at ``indices`` (this process's part)."""
+        return pipeline.labelled_batches(
+            self.config.dataset,
+            self.config.probe_train_split,
+            indices,
+            host_batch_size=batch_size // jax.process_count(),
+            image_size=self.plan.image_size,
+            seed=seed,
+            **self.plan.data_kwargs,
+        )
+
+    @functools.cached_property
+    def train_labels(self) -> np.ndarray:
+        return pipeline.split_labels(
+            self.config.dataset, self.config.probe_train_split, **self.plan.data_kwargs
+        )
+
+
+def linear(run: Run) -> dict[str, Any]:
+    """Linear evaluation on frozen ``h``: (a) L-BFGS logistic regression on extracted features
+    (ℓ2 chosen on held-out train examples), (b) the paper's SGD linear head on crop+flip views."""
+    lbfgs = linear_probe.linear_probe_accuracy(
+        run.train["h"],
+        run.train["label"],
+        run.test["h"],
+        run.test["label"],
+        num_classes=run.plan.num_classes,
+        holdout_fraction=run.config.linear_probe_holdout_fraction,
+        seed=run.config.evaluation.seed,
+    )
+    settings = run.config.evaluation.linear_sgd
+    indices = subsets.fraction_subset(run.train_labels, 1.0, run.config.evaluation.seed)
+    sgd = _train_classifier(
+        run,
+        indices,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        base_learning_rate=settings.base_learning_rate,
+        frozen_encoder=True,
+        head_layers=0,
+        pretrained=True,
+    )
+    return {"lbfgs": lbfgs, "sgd": sgd}
+
+
+def knn_protocol(run: Run) -> dict[str, Any]:
+    """kNN on cosine similarity of ``h``: each k with majority and exp(sim / T) votes."""
+    results = {}
+    for k in run.config.evaluation.knn_ks:
+        for temperature in (None, run.config.evaluation.knn_temperature):
+            name = f"k={k} " + ("majority" if temperature is None else f"T={temperature:g}")
+            results[name] = knn.knn_accuracy(
+                run.train["h"],
+                run.train["label"],
+                run.test["h"],
+                run.test["label"],
+                num_classes=run.plan.num_classes,
+                k=k,
+                temperature=temperature,
+            )
+    return results
+
+
+def label_budget(run: Run) -> dict[str, Any]:
+    """The L-BFGS linear probe fit on ``n`` labelled train examples per class, for each budget
+    (ℓ2 chosen on a held-out part of those ``n``, never on test)."""
+    seed = run.config.evaluation.seed
+    budgets = run.config.evaluation.label_budgets
+    train = run.train
+    chosen = {n: subsets.per_class_subset(train["label"], n, seed) for n in budgets}
+    results = {}
+    for n, indices in chosen.items():
+        results[str(n)] = linear_probe.linear_probe_accuracy(
+            train["h"][indices],
+            train["label"][indices],
+            run.test["h"],
+            run.test["label"],
+            num_classes=run.plan.num_classes,
+            # ℓ2 is chosen on labelled examples only: at least one of each class is held out.
+            holdout_fraction=max(run.config.linear_probe_holdout_fraction, 1 / n),
+            seed=seed,
+        )
+        results[str(n)]["num_labels"] = len(indices)
+    return results
+
+
+def finetune(run: Run) -> dict[str, Any]:
+    """Fine-tuning the whole network on class-balanced label fractions, and (optionally) the same
+    network trained from scratch on the same examples with the same schedule."""
+    settings = run.config.evaluation.finetune
+    if len(settings.fractions) != len(settings.epochs):
+        raise ValueError(
+            f"evaluation.finetune.fractions {tuple(settings.fractions)} and .epochs "
+            f"{tuple(settings.epochs)} must have one entry each."
+        )
+    results = {}
+    for fraction, epochs in zip(settings.fractions, settings.epochs, strict=True):
+        indices = subsets.fraction_subset(run.train_labels, fraction, run.config.evaluation.seed)
+        train = functools.partial(
+            _train_classifier,
+            run,
+            indices,
+            epochs=epochs,
+            batch_size=settings.batch_size,
+            base_learning_rate=settings.base_learning_rate,
+            frozen_encoder=False,
+            head_layers=settings.head_layers,
+        )
+        entry = {"num_labels": len(indices), "pretrained": train(pretrained=True)}
+        if settings.from_scratch:
+            entry["scratch"] = train(pretrained=False)
+        results[f"{fraction:g}"] = entry
+    return results
+
+
+def _train_classifier(
+    run: Run,
+    indices: np.ndarray,
+    *,
+    epochs: float,
+    batch_size: int,
+    base_learning_rate: float,
+    frozen_encoder: bool,
+    head_layers: int,
+    pretrained: bool,
+) -> dict[str, Any]:
+    """Trains a :class:`supervised.Classifier` on the examples at ``indices`` and scores it."""
+    parallel.check_global_batch_size(batch_size, run.mesh, "evaluation batch size")
+    seed = run.config.evaluation.seed
+    steps = supervised.num_steps(len(indices), epochs, batch_size)
+    learning_rate = supervised.cosine_learning_rate(base_learning_rate, batch_size, steps)
+    classifier = supervised.classifier_for(
+        run.plan.model,
+        run.plan.num_classes,
+        head_layers=head_layers,
+        frozen_encoder=frozen_encoder,
+    )
+    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
+    state = supervised.initial_state(
+        classifier,
+        jax.random.key(seed),
+        run.plan.image_shape,
+        learning_rate,
+        pretrained=variables if pretrained else None,
+    )
+    started = time.perf_counter()
+    result = supervised.train_and_score(
+        state,
+        run.labelled_batches(indices, batch_size, seed),
+        steps,
+        run.plan.eval_batches(run.config.eval_split),
+        run.mesh,
+    )
+    return {**result, "steps": steps, "seconds": time.perf_counter() - started}
+
+
+def export(run: Run) -> dict[str, Any]:
+    """Writes the encoder (no optimiser state) to ``WORKDIR/eval/encoder.msgpack``."""
+    exported = encoder_lib.from_state(
+        run.state, run.config, run.plan.num_classes, run.plan.image_shape
+    )
+    path = os.path.join(run.output_dir, "encoder.msgpack")
+    if jax.process_index() == 0:
+        encoder_lib.export_encoder(exported, path)
+    return {"path": path}
+
+
+PICTURES = {
+    "training_curves": "training_curves.png",
+    "embedding_map": "embedding_tsne.png",
+    "augmented_views": "augmented_views.png",
+    "retrieval": "retrieval.png",
+}
+
+
+def pictures(run: Run) -> dict[str, Any]:
+    """PNG files in ``WORKDIR/eval``: training curves, t-SNE of test ``h``, augmented view pairs,
+    and test queries with their nearest train neighbours. Returns ``{picture: path}``."""
+    settings = run.config.evaluation
+    rng = np.random.default_rng(settings.seed)
+    paths = {name: os.path.join(run.output_dir, file) for name, file in PICTURES.items()}
+    test, train = run.test, run.train  # extraction is collective: every process takes part
+    if jax.process_index() != 0:
+        return paths  # the first process draws
+
+    metrics = os.path.join(run.workdir, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        plots.save_training_curves(plots.read_metrics(metrics), paths["training_curves"])
+    else:
+        del paths["training_curves"]
+
+    shown = np.sort(rng.choice(len(test["h"]), min(settings.embedding_points, len(test["h"]))))
+    points = plots.embedding_2d(test["h"][shown], seed=settings.seed)
+    plots.save_embedding_map(points, test["label"][shown], paths["embedding_map"])
+
+    views = next(
+        pipeline.pretrain_batches(
+            run.config.dataset,
+            run.config.train_split,
+            host_batch_size=settings.view_pairs,
+            augment_config=trainer.augment_config(run.config, run.plan.image_size),
+            seed=settings.seed,
+            cache=False,
+            shuffle_buffer=1024,
+            process_index=0,
+            process_count=1,
+            **run.plan.data_kwargs,
+        )
+    )["views"]
+    columns = 2 * int(np.ceil(np.sqrt(settings.view_pairs)))  # pairs side by side
+    rows = -(-2 * settings.view_pairs // columns)
+    cells = views.reshape(-1, *views.shape[2:])
+    cells = np.concatenate([cells, np.ones((rows * columns - len(cells), *cells.shape[1:]))])
+    visualize.save_image_grid(
+        paths["augmented_views"], cells.reshape(rows, columns, *cells.shape[1:]), scale=3
+    )
+
+    queries = np.sort(rng.choice(len(test["h"]), settings.retrieval_queries, replace=False))
+    neighbours = knn.nearest_neighbours(train["h"], test["h"][queries], settings.retrieval_k)
+    read = functools.partial(
+        pipeline.examples_at,
+        run.config.dataset,
+        image_size=run.plan.image_size,
+        center_crop_fraction=run.config.eval_center_crop or None,
+        **run.plan.data_kwargs,
+    )
+    query_images = read(run.config.eval_split, queries)
+    neighbour_images = read(run.config.probe_train_split, neighbours.reshape(-1))
+    grid = np.concatenate(
+        [
+            query_images[:, None],
+            neighbour_images.reshape(*neighbours.shape, *neighbour_images.shape[1:]),
+        ],
+        axis=1,
+    )
+    visualize.save_image_grid(paths["retrieval"], grid, scale=3)
+    return paths
+
+
+PROTOCOLS: dict[str, Callable[[Run], dict[str, Any]]] = {
+    "linear": linear,
+    "knn": knn_protocol,
+    "label_budget": label_budget,
+    "finetune": finetune,
+    "pictures": pictures,
+    "export": export,
+}
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def summary_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """``(protocol, setting, top-1, top-5)`` rows for the accuracies in ``results``."""
+    rows = []
+    if "linear" in results:
+        for name, label in (("lbfgs", "logistic regression (L-BFGS)"), ("sgd", "SGD, crop+flip")):
+            entry = results["linear"][name]
+            rows.append(("linear", label, _percent(entry["top1"]), _percent(entry.get("top5"))))
+    for name, accuracy in results.get("knn", {}).items():
+        rows.append(("knn", name, _percent(accuracy), ""))
+    for n, entry in results.get("label_budget", {}).items():
+        rows.append(
+            ("label_budget", f"{n}/class", _percent(entry["top1"]), _percent(entry.get("top5")))
+        )
+    for fraction, entry in results.get("finetune", {}).items():
+        for start in ("pretrained", "scratch"):
+            if start in entry:
+                rows.append(
+                    (
+                        "finetune",
+                        f"{float(fraction):.0%} labels, {start}",
+                        _percent(entry[start]["top1"]),
+                        _percent(entry[start].get("top5")),
+                    )
+                )
+    return rows
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """A plain-text table with a header, columns padded to their widest cell."""
+    table = [("protocol", "setting", "top-1", "top-5"), *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in table
+    )

@@ -1,0 +1,119 @@
+"""The evaluation suite end to end on a tiny pretraining run of the real (offline) Fashion-MNIST."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from simclr_jax import encoder, evaluate, parallel, step, trainer
+from simclr_jax.data import pipeline
+from simclr_jax.evaluation import protocols
+
+# Every protocol sized to a few steps on the tiny run (train[:256], test[:100], 16 px).
+SMALL = {
+    "evaluation.knn_ks": (5, 10),
+    "evaluation.label_budgets": (3,),
+    "evaluation.linear_sgd.epochs": 0.25,
+    "evaluation.linear_sgd.batch_size": 64,
+    "evaluation.finetune.fractions": (0.5,),
+    "evaluation.finetune.epochs": (1.0,),
+    "evaluation.finetune.batch_size": 64,
+    "evaluation.finetune.head_layers": 1,
+    "evaluation.embedding_points": 60,
+    "evaluation.retrieval_queries": 3,
+    "evaluation.retrieval_k": 4,
+    "evaluation.view_pairs": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(fashion_mnist_data_dir, tmp_path_factory):
+    config = tiny.get_config()
+    config.data_dir = fashion_mnist_data_dir
+    config.compute_baselines = False
+    workdir = tmp_path_factory.mktemp("run")
+    trainer.train_and_evaluate(config, str(workdir))
+    return workdir
+
+
+def _png_size(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()
+        return image.size
+
+
+def test_every_protocol_writes_results_and_pictures(run_dir):
+    outcomes = evaluate.run_protocols(str(run_dir), overrides=SMALL)
+    eval_dir = run_dir / "eval"
+    for name in evaluate.PROTOCOL_NAMES:
+        stored = json.loads((eval_dir / f"{name}.json").read_text())
+        assert stored["results"] == json.loads(json.dumps(outcomes[name]["results"]))
+        assert stored["checkpoint_step"] == 8 and stored["seconds"] > 0
+    results = {name: outcome["results"] for name, outcome in outcomes.items()}
+
+    def accuracy(entry):
+        assert 0.0 <= entry["top1"] <= entry["top5"] <= 1.0
+        return entry["top1"]
+
+    accuracy(results["linear"]["lbfgs"])
+    accuracy(results["linear"]["sgd"])
+    assert results["linear"]["sgd"]["steps"] == 1  # 256 labelled examples, 1/4 epoch, B=64
+    assert set(results["knn"]) == {
+        "k=5 majority",
+        "k=5 T=0.07",
+        "k=10 majority",
+        "k=10 T=0.07",
+    }
+    assert results["label_budget"]["3"]["num_labels"] == 30
+    accuracy(results["label_budget"]["3"])
+    entry = results["finetune"]["0.5"]
+    assert 126 <= entry["num_labels"] <= 130  # half of each class of train[:256]
+    assert entry["pretrained"]["steps"] == entry["scratch"]["steps"] == 2
+    accuracy(entry["pretrained"])
+    accuracy(entry["scratch"])
+
+    # Pictures: 16 px cells, 2 px padding, scaled 3x; figures at 100 dpi.
+    assert _png_size(eval_dir / "augmented_views.png") == (3 * (4 * 18 + 2), 3 * (2 * 18 + 2))
+    assert _png_size(eval_dir / "retrieval.png") == (3 * (5 * 18 + 2), 3 * (3 * 18 + 2))
+    assert results["export"]["path"] == str(eval_dir / "encoder.msgpack")
+    assert _png_size(eval_dir / "training_curves.png") == (1000, 700)
+    assert _png_size(eval_dir / "embedding_tsne.png") == (700, 700)
+
+    rows = protocols.summary_rows(results)
+    assert len(rows) == 2 + 4 + 1 + 2  # linear, kNN, budget, fraction x (pretrained, scratch)
+    table = protocols.format_table(rows).splitlines()
+    assert table[0].split() == ["protocol", "setting", "top-1", "top-5"] and len(table) == 10
+
+
+def test_exported_encoder_reproduces_the_checkpoint_features(run_dir, tmp_path):
+    restored = encoder.from_checkpoint(str(run_dir))
+    loaded = encoder.load_encoder(encoder.export_encoder(restored, tmp_path / "enc.msgpack"))
+    images = np.random.default_rng(0).uniform(size=(16, *restored.image_shape)).astype(np.float32)
+    for output in ("h", "z"):
+        np.testing.assert_array_equal(
+            np.asarray(loaded(images, output)), np.asarray(restored(images, output))
+        )
+    # The same features as the trainer's batch-sharded embed step on the checkpoint's state.
+    plan = trainer._RunPlan(encoder.read_run_config(str(run_dir)))
+    mesh = parallel.data_mesh()
+    state = encoder.restore_state(plan, str(run_dir), mesh)
+    sharded = step.jit_embed_step(mesh)(state, jax.device_put(images, parallel.batch_sharded(mesh)))
+    np.testing.assert_allclose(np.asarray(loaded(images)), np.asarray(sharded["h"]), atol=1e-5)
+
+
+def test_features_count_every_example_once_when_batches_do_not_divide(run_dir):
+    config = encoder.read_run_config(str(run_dir))
+    config.eval_batch_size = 64  # test[:100]: one full batch and one padded with 28 rows
+    plan = trainer._RunPlan(config)
+    mesh = parallel.data_mesh()
+    state = encoder.restore_state(plan, str(run_dir), mesh)
+    extracted = protocols.Run(plan=plan, state=state, mesh=mesh, workdir=str(run_dir)).test
+    assert extracted["h"].shape[0] == plan.eval_info.num_examples == 100
+    np.testing.assert_array_equal(
+        extracted["label"],
+        pipeline.split_labels(config.dataset, config.eval_split, data_dir=config.data_dir),
+    )
