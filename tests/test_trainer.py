@@ -176,6 +176,13 @@ def test_cli_rejects_a_misspelt_config_field(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_rejects_a_misspelt_field_of_the_default_config(tmp_path):
+    result = _cli(f"--workdir={tmp_path}", "--config.temprature=0.2")
+    assert result.returncode != 0
+    assert "temprature" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     result = _cli("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.dataset=cifar_10")
     assert result.returncode == 1
