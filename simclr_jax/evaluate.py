@@ -38,9 +38,10 @@ _CHECKPOINT = flags.DEFINE_integer(
 _PROTOCOL = flags.DEFINE_list(
     "protocol", list(PROTOCOL_NAMES), f"Protocols to run: any of {', '.join(PROTOCOL_NAMES)}."
 )
-_CONFIG = config_flags.DEFINE_config_dict(
-    "config", default.get_config(), "Overrides of the run's config.json (--config.FIELD=VALUE)."
-)
+with cli.one_line_flag_errors():
+    _CONFIG = config_flags.DEFINE_config_dict(
+        "config", default.get_config(), "Overrides of the run's config.json (--config.FIELD=VALUE)."
+    )
 
 
 def run_protocols(

@@ -11,13 +11,17 @@ import sys
 from pathlib import Path
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from simclr_jax import cli
 
 DEFAULT_CONFIG = cli.REPO_ROOT / "configs" / "fashion_mnist.py"
 cli.add_configs_to_path()
 
-_CONFIG = cli.define_config_file(str(DEFAULT_CONFIG), "Path to a config file (configs/*.py).")
+with cli.one_line_flag_errors():
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", str(DEFAULT_CONFIG), "Path to a config file (configs/*.py).", lock_config=True
+    )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and results (default: workdirs/CONFIG)."
 )

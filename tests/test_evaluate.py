@@ -1,6 +1,8 @@
 """The evaluation suite end to end on a tiny pretraining run of the real (offline) Fashion-MNIST."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -117,3 +119,15 @@ def test_features_count_every_example_once_when_batches_do_not_divide(run_dir):
         extracted["label"],
         pipeline.split_labels(config.dataset, config.eval_split, data_dir=config.data_dir),
     )
+
+
+def test_evaluate_cli_rejects_a_misspelt_override_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "simclr_jax.evaluate", f"--workdir={tmp_path}", "--config.knn_kk=5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "knn_kk" in result.stderr
+    assert "Traceback" not in result.stderr
