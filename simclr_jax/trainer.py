@@ -181,7 +181,10 @@ def _train(
     """The training loop from ``state.step`` to the end; returns (state, completed)."""
     config = plan.config
     train_step = step.jit_train_step(
-        mesh, temperature=config.temperature, learning_rate_fn=plan.learning_rate_fn
+        mesh,
+        temperature=config.temperature,
+        learning_rate_fn=plan.learning_rate_fn,
+        loss_block_size=config.loss_block_size,
     )
     embed = step.jit_embed_step(mesh)
     base_key = jax.random.key(config.seed)
