@@ -1,10 +1,10 @@
 """Blockwise NT-Xent and contrastive metrics: the dense values and gradients, in less memory."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_model import TinySimCLR
 
 from simclr_jax import losses, optim, parallel, step
 
@@ -75,21 +75,11 @@ def test_blockwise_gradient_never_holds_the_similarity_matrix():
     assert blockwise < dense / 8
 
 
-class _TinySimCLR(nn.Module):
-    """Flatten, dense + batch norm, then the SimCLR outputs: enough to exercise the step."""
-
-    @nn.compact
-    def __call__(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
-        h = nn.Dense(16)(images.reshape(images.shape[0], -1))
-        h = nn.relu(nn.BatchNorm(use_running_average=not train)(h))
-        return {"h": h, "z": nn.Dense(8)(h), "logits": nn.Dense(3)(jax.lax.stop_gradient(h))}
-
-
 def test_train_step_with_blockwise_loss_equals_dense_step_on_the_mesh():
     mesh = parallel.data_mesh()
     schedule = optim.warmup_cosine_schedule(peak_value=0.5, warmup_steps=1, total_steps=4)
     initial = jax.device_get(
-        step.create_train_state(_TinySimCLR(), optim.lars(schedule), jax.random.key(0), (4, 4, 1))
+        step.create_train_state(TinySimCLR(), optim.lars(schedule), jax.random.key(0), (4, 4, 1))
     )
     rng = np.random.default_rng(0)
     host_batch = {
