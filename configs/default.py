@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Objective -------------------------------------------------------------------------
     config.temperature = 0.1  # NT-Xent τ: 0.1 ImageNet, 0.5 CIFAR-10
+    # > 0: NT-Xent and its metrics this many anchors at a time (same values; memory
+    # block·2B·4 bytes instead of (2B)²·4 for the similarity matrix); 0 = the whole matrix at once.
+    config.loss_block_size = 0
 
     # --- Optimisation (SimCLR §5) -----------------------------------------------------------
     config.optimizer = "lars"  # "lars", "sgd" (Nesterov momentum) or "adamw"

@@ -10,6 +10,9 @@ The arithmetic is float32 whatever the input dtype (e.g. bfloat16 projections), 
 similarity matmul at full float32 precision and a log-sum-exp for the normaliser.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -24,11 +27,8 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(squared_norms, _SQUARED_NORM_EPS))
 
 
-def _similarity_logits(z: jax.Array, temperature: float) -> jax.Array:
-    """Returns the ``[2N, 2N]`` float32 matrix ``cos(z_i, z_j) / temperature`` (self included).
-
-    Raises ValueError, at trace time, unless ``z`` is 2-D with an even, non-zero number of rows.
-    """
+def _check_projections(z: jax.Array, temperature: float) -> None:
+    """Raises ValueError, at trace time, unless ``z`` is 2-D with an even, non-zero row count."""
     if z.ndim != 2:
         raise ValueError(f"z must be 2-D [2N, d], got shape {z.shape}.")
     if z.shape[0] < 2 or z.shape[0] % 2:
@@ -37,12 +37,73 @@ def _similarity_logits(z: jax.Array, temperature: float) -> jax.Array:
         )
     if isinstance(temperature, int | float) and temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
+
+
+def _similarities(anchors: jax.Array, z: jax.Array, temperature: float) -> jax.Array:
+    """``[b, 2N]`` float32 ``anchors @ z.T / temperature`` of unit rows, at full precision."""
+    return jnp.matmul(anchors, z.T, precision=jax.lax.Precision.HIGHEST) / temperature
+
+
+def _similarity_logits(z: jax.Array, temperature: float) -> jax.Array:
+    """Returns the ``[2N, 2N]`` float32 matrix ``cos(z_i, z_j) / temperature`` (self included)."""
+    _check_projections(z, temperature)
     z = l2_normalize(z.astype(jnp.float32))
-    similarity = jnp.matmul(z, z.T, precision=jax.lax.Precision.HIGHEST)
-    return similarity / temperature
+    return _similarities(z, z, temperature)
 
 
-def nt_xent(z: jax.Array, temperature: float) -> jax.Array:
+def _check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size < 0:
+        raise ValueError(f"block_size must be a non-negative int (0 = dense), got {block_size!r}.")
+
+
+def _per_anchor_blocks(
+    row_fn: Callable[[jax.Array, jax.Array], Any],
+    z: jax.Array,
+    temperature: float,
+    block_size: int,
+) -> Any:
+    """``row_fn(logits, rows)`` over blocks of ``block_size`` anchors, concatenated over rows.
+
+    ``logits`` is a block's ``[block_size, 2N]`` similarity rows against all 2N columns and
+    ``rows`` their global indices; ``row_fn`` returns per-row arrays ``[block_size, ...]``. The
+    blocks run one after another (``lax.map``) and each is rematerialised in the backward pass
+    (``jax.checkpoint``), so neither pass holds more than one block of logits: memory
+    ``O(block_size * 2N)`` instead of ``O((2N)^2)``. The last block is padded with zero rows whose
+    outputs are dropped, so any block size works.
+    """
+    _check_projections(z, temperature)
+    z = l2_normalize(z.astype(jnp.float32))
+    num_rows, dim = z.shape
+    num_blocks = -(-num_rows // block_size)
+    padded = jnp.pad(z, ((0, num_blocks * block_size - num_rows), (0, 0)))
+    anchor_blocks = padded.reshape(num_blocks, block_size, dim)
+    block_starts = jnp.arange(num_blocks) * block_size
+
+    @jax.checkpoint
+    def one_block(block: tuple[jax.Array, jax.Array]) -> Any:
+        anchors, block_start = block
+        rows = block_start + jnp.arange(block_size)
+        return row_fn(_similarities(anchors, z, temperature), rows)
+
+    per_block = jax.lax.map(one_block, (anchor_blocks, block_starts))
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:num_rows], per_block)
+
+
+def _per_anchor_nt_xent(logits: jax.Array, rows: jax.Array) -> jax.Array:
+    """``log sum_{j != i} exp(logits[i, j]) - logits[i, i ^ 1]`` for each row ``i`` of a block.
+
+    ``rows`` are the block's global row indices; indices past the last row (padding) give
+    finite values that the caller drops.
+    """
+    num_columns = logits.shape[1]
+    not_self = jnp.arange(num_columns)[None, :] != rows[:, None]
+    log_normaliser = jax.nn.logsumexp(logits, axis=-1, where=not_self)
+    positives = jnp.minimum(rows ^ 1, num_columns - 1)
+    positive_logits = jnp.take_along_axis(logits, positives[:, None], axis=1)[:, 0]
+    return log_normaliser - positive_logits
+
+
+def nt_xent(z: jax.Array, temperature: float, block_size: int = 0) -> jax.Array:
     """NT-Xent loss at the paper's scale: the mean of the per-anchor loss over all 2N anchors.
 
     For anchor ``i`` the loss is ``-log softmax_j(sim(i, j) / temperature)`` at its positive
@@ -56,10 +117,18 @@ def nt_xent(z: jax.Array, temperature: float) -> jax.Array:
     Args:
       z: projections ``[2N, d]``, the two views of each image on adjacent rows; any float dtype.
       temperature: the softmax temperature ``tau > 0``.
+      block_size: 0 builds the whole ``[2N, 2N]`` similarity matrix at once (fastest for small
+        batches). A positive value computes the same loss and gradients ``block_size`` anchors at
+        a time, forward and backward, holding only ``[block_size, 2N]`` logits: for batches
+        whose similarity matrix does not fit in device memory. Any positive value works (the
+        last block is padded).
 
     Returns:
       A float32 scalar.
     """
+    _check_block_size(block_size)
+    if block_size:
+        return jnp.mean(_per_anchor_blocks(_per_anchor_nt_xent, z, temperature, block_size))
     logits = _similarity_logits(z, temperature)
     num_rows = logits.shape[0]
     rows = jnp.arange(num_rows)
@@ -69,7 +138,21 @@ def nt_xent(z: jax.Array, temperature: float) -> jax.Array:
     return jnp.mean(log_normaliser - positive_logits)
 
 
-def contrastive_metrics(z: jax.Array, temperature: float) -> dict[str, jax.Array]:
+def _per_anchor_cross_view(logits: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For each anchor row: (positive is the top other-view row, entropy over other-view rows)."""
+    num_anchors, num_columns = logits.shape
+    # Column 2k + v holds view v of image k; keep, for each anchor, the view it is not.
+    by_view = logits.reshape(num_anchors, num_columns // 2, 2)
+    cross_view_logits = jnp.take_along_axis(by_view, (1 - rows % 2)[:, None, None], axis=2)[..., 0]
+    correct = jnp.argmax(cross_view_logits, axis=-1) == rows // 2
+    log_probs = jax.nn.log_softmax(cross_view_logits, axis=-1)
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+    return correct, entropy
+
+
+def contrastive_metrics(
+    z: jax.Array, temperature: float, block_size: int = 0
+) -> dict[str, jax.Array]:
     """Contrastive top-1 accuracy and entropy, as logged by the official SimCLR code.
 
     Each anchor is compared with the N rows of the OTHER view (its positive and the other
@@ -86,21 +169,19 @@ def contrastive_metrics(z: jax.Array, temperature: float) -> dict[str, jax.Array
     Args:
       z: projections ``[2N, d]`` laid out as for :func:`nt_xent`.
       temperature: the softmax temperature used by the loss.
+      block_size: as for :func:`nt_xent`: 0 = the whole similarity matrix at once, otherwise
+        ``block_size`` anchors at a time.
 
     Returns:
       A dict of float32 scalars.
     """
-    logits = _similarity_logits(z, temperature)
-    num_rows = logits.shape[0]
-    rows = jnp.arange(num_rows)
-    # Column 2k + v holds view v of image k; keep, for each anchor, the view it is not.
-    by_view = logits.reshape(num_rows, num_rows // 2, 2)
-    cross_view_logits = jnp.take_along_axis(by_view, (1 - rows % 2)[:, None, None], axis=2)[..., 0]
-    positive_index = rows // 2
-    accuracy = jnp.mean(jnp.argmax(cross_view_logits, axis=-1) == positive_index)
-    log_probs = jax.nn.log_softmax(cross_view_logits, axis=-1)
-    entropy = -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
+    _check_block_size(block_size)
+    if block_size:
+        correct, entropy = _per_anchor_blocks(_per_anchor_cross_view, z, temperature, block_size)
+    else:
+        logits = _similarity_logits(z, temperature)
+        correct, entropy = _per_anchor_cross_view(logits, jnp.arange(logits.shape[0]))
     return {
-        "contrastive_accuracy": accuracy.astype(jnp.float32),
-        "contrastive_entropy": entropy,
+        "contrastive_accuracy": jnp.mean(correct).astype(jnp.float32),
+        "contrastive_entropy": jnp.mean(entropy),
     }

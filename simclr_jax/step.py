@@ -70,9 +70,17 @@ def probe_loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.A
 
 
 def loss_and_gradients(
-    state: TrainState, batch: Batch, key: jax.Array, *, temperature: float
+    state: TrainState,
+    batch: Batch,
+    key: jax.Array,
+    *,
+    temperature: float,
+    loss_block_size: int = 0,
 ) -> tuple[tuple[jax.Array, dict[str, Any]], Any]:
     """``((loss, aux), grads)`` of the SimCLR objective at ``state.params`` on a (global) batch.
+
+    ``loss_block_size`` > 0 computes NT-Xent that many anchors at a time (same value and
+    gradients, memory ``O(block * 2B)`` instead of ``O((2B)^2)``; see :func:`losses.nt_xent`).
 
     The loss is the paper-scale NT-Xent on ``z`` plus the probe's cross-entropy; the probe sees
     ``stop_gradient(h)``, so neither term changes the other's parameters. ``aux`` holds the
@@ -89,7 +97,7 @@ def loss_and_gradients(
             mutable=["batch_stats"],
             rngs={"dropout": key},
         )
-        contrastive_loss = losses.nt_xent(outputs["z"], temperature)
+        contrastive_loss = losses.nt_xent(outputs["z"], temperature, loss_block_size)
         probe_loss, probe_accuracy = probe_loss_and_accuracy(outputs["logits"], labels)
         aux = {
             "outputs": outputs,
@@ -110,18 +118,21 @@ def train_step(
     *,
     temperature: float,
     learning_rate_fn: Callable[[jax.Array], jax.Array],
+    loss_block_size: int = 0,
 ) -> tuple[TrainState, Metrics]:
     """One optimisation step on a (global) batch; returns the new state and scalar metrics.
 
     ``key`` feeds the model's ``dropout`` RNG stream (unused by the standard SimCLR model); derive
     it per step, e.g. ``jax.random.fold_in(base_key, step)``.
     """
-    (loss, aux), grads = loss_and_gradients(state, batch, key, temperature=temperature)
+    (loss, aux), grads = loss_and_gradients(
+        state, batch, key, temperature=temperature, loss_block_size=loss_block_size
+    )
     new_state = state.apply_gradients(grads=grads, batch_stats=aux["batch_stats"])
     metrics = {
         "loss": loss,
         "contrastive_loss": aux["contrastive_loss"],
-        **losses.contrastive_metrics(aux["outputs"]["z"], temperature),
+        **losses.contrastive_metrics(aux["outputs"]["z"], temperature, loss_block_size),
         "probe_loss": aux["probe_loss"],
         "probe_accuracy": aux["probe_accuracy"],
         "learning_rate": learning_rate_fn(state.step),
@@ -136,6 +147,7 @@ def jit_train_step(
     *,
     temperature: float,
     learning_rate_fn: Callable[[jax.Array], jax.Array],
+    loss_block_size: int = 0,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """:func:`train_step` compiled for ``mesh``: state replicated and donated, batch sharded.
 
@@ -143,7 +155,12 @@ def jit_train_step(
     :func:`simclr_jax.parallel.check_global_batch_size`). Batch-norm statistics and negatives are
     global: the compiler inserts the cross-device reductions.
     """
-    step = functools.partial(train_step, temperature=temperature, learning_rate_fn=learning_rate_fn)
+    step = functools.partial(
+        train_step,
+        temperature=temperature,
+        learning_rate_fn=learning_rate_fn,
+        loss_block_size=loss_block_size,
+    )
     replicated = parallel.replicated(mesh)
     return jax.jit(
         step,

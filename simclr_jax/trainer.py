@@ -2,7 +2,10 @@
 
 Importable from notebooks and tests; ``python -m simclr_jax.train`` is a thin wrapper around it.
 The run is resumable: rerunning with the same workdir continues from the latest checkpoint, with
-the data stream continuing where it stopped. SIGTERM/SIGINT save a checkpoint and stop cleanly.
+the data stream continuing where it stopped. SIGTERM/SIGINT save a checkpoint and stop cleanly
+(with several processes, all of them at the next log or checkpoint step). The next batches are
+assembled on the devices in a background thread while a step runs; the fraction of time the loop
+still waits for them is logged as ``data_wait_fraction``.
 """
 
 import contextlib
@@ -18,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from simclr_jax import checkpointing, optim, parallel, reporting, step
+from simclr_jax import checkpointing, optim, parallel, prefetch, reporting, step
 from simclr_jax.data import augment, pipeline
 from simclr_jax.evaluation import features, knn, linear_probe
 from simclr_jax.models import SimCLR, simclr_resnet
@@ -163,6 +167,34 @@ def _stop_requests() -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
+def _agreed_stop(requested: bool, at_sync_point: bool) -> bool:
+    """Whether every process stops now, given this process's own stop request.
+
+    One process stops as soon as it is asked. Several processes must stop at the same step, or
+    the ones still training wait forever in the step's collectives: they only stop at sync points
+    (log and checkpoint steps, the same on every process), when any of them has been asked.
+    """
+    if jax.process_count() == 1:
+        return requested
+    if not at_sync_point:
+        return False
+    flags = multihost_utils.process_allgather(np.array(requested, np.int32))
+    return bool(np.max(flags))
+
+
+class _WaitFraction:
+    """The fraction of wall time the loop spent waiting for input since the last call."""
+
+    def __init__(self, batches: prefetch.DevicePrefetcher):
+        self._batches = batches
+        self._mark = (time.perf_counter(), batches.wait_seconds)
+
+    def since_last(self) -> float:
+        now, waited = time.perf_counter(), self._batches.wait_seconds
+        (then, waited_then), self._mark = self._mark, (now, waited)
+        return (waited - waited_then) / max(now - then, 1e-9)
+
+
 def _write_json(path: str, payload: dict[str, Any]) -> None:
     """Writes ``payload`` atomically (temporary file, then rename) from the first process only."""
     if jax.process_index() != 0:
@@ -172,6 +204,29 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
         json.dump(payload, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def _log_step(
+    done: int,
+    metrics: step.Metrics,
+    log: reporting.MetricsLog,
+    waits: _WaitFraction,
+    checkpointer: checkpointing.Checkpointer,
+) -> None:
+    """Logs step ``done``'s metrics; raises TrainingDivergedError if the loss is not finite."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(values["loss"]):
+        last_good = checkpointer.latest_step()
+        where = (
+            f"the last good checkpoint is step {last_good} in {checkpointer.directory}"
+            if last_good is not None
+            else "no checkpoint was written before it"
+        )
+        raise TrainingDivergedError(
+            f"the loss is {values['loss']} at step {done}; {where}. Lower the "
+            "learning rate or raise the temperature, then rerun."
+        )
+    log.write(done, {**values, "data_wait_fraction": waits.since_last()})
 
 
 def _train(
@@ -184,45 +239,45 @@ def _train(
     """The training loop from ``state.step`` to the end; returns (state, completed)."""
     config = plan.config
     train_step = step.jit_train_step(
-        mesh, temperature=config.temperature, learning_rate_fn=plan.learning_rate_fn
+        mesh,
+        temperature=config.temperature,
+        learning_rate_fn=plan.learning_rate_fn,
+        loss_block_size=config.loss_block_size,
     )
     embed = step.jit_embed_step(mesh)
     base_key = jax.random.key(config.seed)
     start = int(state.step)
-    batches = plan.pretrain_batches(start)
+    batches = prefetch.DevicePrefetcher(plan.pretrain_batches(start), mesh)
     log.start(start)
-    with _stop_requests() as stop_requests:
+    waits = _WaitFraction(batches)
+    with _stop_requests() as stop_requests, contextlib.closing(batches):
         for current in range(start, plan.total_steps):
-            batch = parallel.host_batch_to_global(next(batches), mesh)
+            batch = next(batches)
             state, metrics = train_step(state, batch, jax.random.fold_in(base_key, current))
             done = current + 1
             is_last = done == plan.total_steps
-            should_log = done % config.log_every_steps == 0 or is_last or stop_requests
-            should_save = done % config.checkpoint_every_steps == 0 or is_last or stop_requests
-            if should_log or should_save:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(values["loss"]):
-                    last_good = checkpointer.latest_step()
-                    where = (
-                        f"the last good checkpoint is step {last_good} in {checkpointer.directory}"
-                        if last_good is not None
-                        else "no checkpoint was written before it"
-                    )
-                    raise TrainingDivergedError(
-                        f"the loss is {values['loss']} at step {done}; {where}. Lower the "
-                        "learning rate or raise the temperature, then rerun."
-                    )
-                log.write(done, values)
+            at_log_step = done % config.log_every_steps == 0
+            at_save_step = done % config.checkpoint_every_steps == 0
+            logged = at_log_step or at_save_step or is_last  # never save a diverged state
+            if logged:
+                _log_step(done, metrics, log, waits, checkpointer)
+            # Checked after logging, so that a signal received meanwhile stops at this step.
+            stop = _agreed_stop(bool(stop_requests), at_log_step or at_save_step)
+            if stop and not logged:
+                _log_step(done, metrics, log, waits, checkpointer)
+            should_save = at_save_step or is_last or stop
             if should_save:
                 checkpointer.save(done, state, plan.compatibility(), force=True)
             if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and not is_last:
                 evaluated = _monitor_metrics(plan, *_encoder_features(plan, state, mesh, embed))
                 log.write(done, {f"eval_{name}": value for name, value in evaluated.items()})
                 log.start(done)  # evaluation time is not training throughput
-            if stop_requests:
+                waits.since_last()  # nor time waiting for data
+            if stop:
                 checkpointer.wait_until_finished()
+                cause = f"signal {stop_requests[0]}" if stop_requests else "another process"
                 print(
-                    f"stopped by signal {stop_requests[0]} at step {done}; checkpoint saved in "
+                    f"stopped by {cause} at step {done}; checkpoint saved in "
                     f"{checkpointer.directory}. Rerun the same command to resume.",
                     flush=True,
                 )

@@ -51,6 +51,7 @@ def test_tiny_run_writes_checkpoints_metrics_and_results(config, tmp_path):
     assert [r["step"] for r in train_records] == [2, 4, 6, 8]
     for record in train_records:
         assert np.isfinite(record["loss"]) and np.isfinite(record["contrastive_accuracy"])
+        assert 0.0 <= record["data_wait_fraction"] <= 1.0
     (eval_record,) = [r for r in records if "loss" not in r]  # every 4 steps, not at the end
     assert eval_record["step"] == 4
     assert 0.0 <= eval_record["eval_knn_top1"] <= 1.0
