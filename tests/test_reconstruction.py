@@ -3,6 +3,7 @@
 import functools
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from configs import tiny
 from simclr_jax import reconstruction, step, trainer
-from simclr_jax.models import decoder, simclr_resnet
+from simclr_jax.models import ProjectionHead, SimCLR, decoder
 
 IMAGE_SHAPE = (16, 16, 1)
 BATCH_SIZE = 4
@@ -74,18 +75,25 @@ def _batch(seed: int) -> dict[str, jnp.ndarray]:
     }
 
 
+class _SmallEncoder(nn.Module):
+    """conv -> batch norm -> ReLU -> global mean: a fast stand-in for the ResNet."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Conv(8, (3, 3), strides=(2, 2))(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return jnp.mean(nn.relu(x), axis=(1, 2))
+
+
 @functools.cache
 def _states():
     """A VAE-hybrid state and the plain SimCLR state holding the same shared parameters."""
 
     def model(head):
-        return simclr_resnet(
-            depth=18,
-            width_multiplier=1.0,
-            base_width=4,
-            stem="cifar",
+        return SimCLR(
+            encoder=_SmallEncoder(),
+            projection_head=ProjectionHead(output_dim=8),
             num_classes=10,
-            projection_dim=8,
             reconstruction_head=head,
         )
 
@@ -101,25 +109,30 @@ def _states():
     return plain, hybrid
 
 
-def _gradients(state, objective):
-    fn = jax.jit(
-        functools.partial(step.loss_and_gradients, temperature=TEMPERATURE, hybrid=objective)
-    )
-    (loss, aux), grads = fn(state, _batch(0), jax.random.key(3))
+def _gradients(state, objective, jit=True):
+    fn = functools.partial(step.loss_and_gradients, temperature=TEMPERATURE, hybrid=objective)
+    (loss, aux), grads = (jax.jit(fn) if jit else fn)(state, _batch(0), jax.random.key(3))
     return jax.device_get((loss, aux["batch_stats"], aux["hybrid_terms"], grads))
 
 
-def test_zero_weights_give_exactly_the_plain_simclr_gradients():
+@pytest.mark.parametrize("jit", [False, True])
+def test_zero_weights_give_the_plain_simclr_gradients(jit):
+    """Op by op (no jit) the gradients are bit-identical to plain SimCLR's; compiled, XLA may
+    fuse the two programs differently, which reorders float sums: equal to rounding."""
     plain, hybrid = _states()
     off = reconstruction.HybridObjective(reconstruction_weight=0.0, kl_weight=0.0)
-    plain_loss, plain_stats, _, plain_grads = _gradients(plain, None)
-    loss, stats, terms, grads = _gradients(hybrid, off)
+    plain_loss, plain_stats, _, plain_grads = _gradients(plain, None, jit)
+    loss, stats, terms, grads = _gradients(hybrid, off, jit)
     assert terms["reconstruction_loss"] > 0 and terms["kl_divergence"] > 0
-    assert loss == plain_loss
-    jax.tree.map(np.testing.assert_array_equal, stats, plain_stats)
     decoder_grads = grads.pop("reconstruction_head")
-    jax.tree.map(np.testing.assert_array_equal, grads, plain_grads)
     assert all(not np.any(g) for g in jax.tree.leaves(decoder_grads))
+    if jit:
+        compare = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+    else:
+        compare = np.testing.assert_array_equal
+    compare(loss, plain_loss)
+    jax.tree.map(compare, stats, plain_stats)
+    jax.tree.map(compare, grads, plain_grads)
 
 
 def test_reconstruction_terms_reach_the_encoder_and_the_head():
@@ -157,17 +170,14 @@ def test_input_target_needs_the_input_image_in_the_batch():
         )
 
 
-@pytest.mark.parametrize(("kind", "target"), [("ae", "input"), ("vae", "view")])
-def test_tiny_hybrid_run_writes_reconstructions_and_finite_metrics(
-    fashion_mnist_data_dir, tmp_path, kind, target
-):
+def test_tiny_vae_run_writes_reconstructions_and_finite_metrics(fashion_mnist_data_dir, tmp_path):
     config = tiny.get_config()
     config.data_dir = fashion_mnist_data_dir
     config.num_train_steps = 4
     config.compute_baselines = False
     config.augment.rotation_degrees = 15.0
-    config.hybrid.decoder = kind
-    config.hybrid.target = target
+    config.hybrid.decoder = "vae"
+    config.hybrid.target = "input"
     config.hybrid.decoder_channels = 4
     config.hybrid.latent_dim = 8
     results = trainer.train_and_evaluate(config, str(tmp_path))
@@ -183,9 +193,9 @@ def test_tiny_hybrid_run_writes_reconstructions_and_finite_metrics(
     assert train_records
     for record in train_records:
         assert np.isfinite(record["reconstruction_loss"]) and record["reconstruction_loss"] > 0
-        assert ("kl_divergence" in record) == (kind == "vae")
+        assert np.isfinite(record["kl_divergence"])
         assert np.isfinite(record["loss"])
-    assert json.loads((tmp_path / "config.json").read_text())["hybrid"]["decoder"] == kind
+    assert json.loads((tmp_path / "config.json").read_text())["hybrid"]["decoder"] == "vae"
 
 
 def test_unknown_decoder_is_rejected():
