@@ -32,7 +32,9 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
-def reconstruction_head(config: ml_collections.ConfigDict):
+def reconstruction_head(
+    config: ml_collections.ConfigDict,
+) -> decoder.AutoencoderHead | decoder.VariationalHead | None:
     """The reconstruction head ``config.hybrid.decoder`` names, or None for plain SimCLR."""
     hybrid = config.hybrid
     if hybrid.decoder not in _DECODERS:
