@@ -7,7 +7,9 @@ rotation is one flag away: --config.augment.rotation_degrees=15.
 Run:   python -m simclr_jax.train --config=configs/fashion_mnist_hybrid.py \\
          --workdir=workdirs/fashion_mnist_hybrid
 Writes reconstructions.png (inputs above their reconstructions) in the workdir.
-Expect: see the README's hybrid-objective section (short-budget measurements only so far).
+Measured at a SHORT budget only (--config.num_train_steps=60 --config.compute_baselines=False,
+seed 0, 2-core CPU): linear probe 76.3%, kNN 72.4% (plain fashion_mnist.py: 77.4%, 75.2%).
+The full 3-epoch figures are still to be measured.
 """
 
 from configs import fashion_mnist
