@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.grayscale_prob = 0.2
     config.augment.blur_prob = 0.5  # 0 for 32 px datasets
     config.augment.brightness_mode = "multiplicative"  # SimCLRv2/TF2; "additive" = v1
+    config.augment.rotation_degrees = 0.0  # > 0: rotate each view by U[-r, r]°, zero fill; 0 = off
 
     # --- Model (SimCLR §4) ------------------------------------------------------------------
     config.model = ml_collections.ConfigDict()
@@ -52,6 +53,15 @@ def get_config() -> ml_collections.ConfigDict:
     # > 0: NT-Xent and its metrics this many anchors at a time (same values; memory
     # block·2B·4 bytes instead of (2B)²·4 for the similarity matrix); 0 = the whole matrix at once.
     config.loss_block_size = 0
+
+    # --- Hybrid objective (SPEC §7): NT-Xent + λ·MSE (+ β·KL), off by default ---------------
+    config.hybrid = ml_collections.ConfigDict()
+    config.hybrid.decoder = "none"  # "none" = plain SimCLR, "ae" = decoder on h, "vae" = μ, σ head
+    config.hybrid.target = "input"  # reconstruct the un-augmented "input" or the augmented "view"
+    config.hybrid.reconstruction_weight = 1.0  # λ; the MSE is averaged over pixels and channels
+    config.hybrid.kl_weight = 1e-3  # β ("vae" only); the KL is summed over latent dimensions
+    config.hybrid.decoder_channels = 32  # channels of the decoder's last map, ×2 per earlier map
+    config.hybrid.latent_dim = 64  # "vae" only: width of μ and log σ²
 
     # --- Optimisation (SimCLR §5) -----------------------------------------------------------
     config.optimizer = "lars"  # "lars", "sgd" (Nesterov momentum) or "adamw"

@@ -4,7 +4,8 @@ A batch is ``{"views": [B, 2, H, W, C] float32, "label": [B] int32}``: each exam
 augmented views side by side, so that a pair never straddles devices. The step flattens it to
 ``[2B, H, W, C]`` with the views of image ``k`` at rows ``2k`` and ``2k + 1`` (the layout
 :func:`simclr_jax.losses.nt_xent` expects), runs the model in training mode, and optimises
-NT-Xent on ``z`` plus the online probe's cross-entropy on ``stop_gradient(h)``.
+NT-Xent on ``z`` plus the online probe's cross-entropy on ``stop_gradient(h)`` (plus, with a
+:class:`simclr_jax.reconstruction.HybridObjective`, the reconstruction terms).
 
 ``loss_and_gradients`` and ``train_step`` are pure: they see the global batch and know nothing of
 devices. ``jit_train_step`` compiles ``train_step`` for a mesh.
@@ -21,10 +22,14 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from simclr_jax import losses, parallel
+from simclr_jax import losses, parallel, reconstruction
+from simclr_jax.models.decoder import SAMPLE_RNG
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# The model's ``sample`` RNG key is the step key folded with this (the ``dropout`` key is the step
+# key itself), so the two streams are independent.
+_SAMPLE_KEY_FOLD = 1
 
 
 class TrainState(train_state.TrainState):
@@ -76,6 +81,7 @@ def loss_and_gradients(
     *,
     temperature: float,
     loss_block_size: int = 0,
+    hybrid: reconstruction.HybridObjective | None = None,
 ) -> tuple[tuple[jax.Array, dict[str, Any]], Any]:
     """``((loss, aux), grads)`` of the SimCLR objective at ``state.params`` on a (global) batch.
 
@@ -84,7 +90,9 @@ def loss_and_gradients(
 
     The loss is the paper-scale NT-Xent on ``z`` plus the probe's cross-entropy; the probe sees
     ``stop_gradient(h)``, so neither term changes the other's parameters. ``aux`` holds the
-    model outputs, the updated batch-norm statistics and the two loss terms.
+    model outputs, the updated batch-norm statistics and the loss terms. With ``hybrid``, its
+    λ·MSE (+ β·KL) is added and its unweighted terms are in ``aux["hybrid_terms"]``; the model's
+    ``sample`` RNG stream gets a key derived from ``key``.
     """
     images = flatten_views(batch["views"])
     labels = jnp.repeat(batch["label"], 2)
@@ -95,18 +103,24 @@ def loss_and_gradients(
             images,
             train=True,
             mutable=["batch_stats"],
-            rngs={"dropout": key},
+            rngs={"dropout": key, SAMPLE_RNG: jax.random.fold_in(key, _SAMPLE_KEY_FOLD)},
         )
         contrastive_loss = losses.nt_xent(outputs["z"], temperature, loss_block_size)
         probe_loss, probe_accuracy = probe_loss_and_accuracy(outputs["logits"], labels)
+        loss = contrastive_loss + probe_loss
+        hybrid_terms = {}
+        if hybrid is not None:
+            hybrid_loss, hybrid_terms = hybrid.loss(outputs, images, batch)
+            loss = loss + hybrid_loss
         aux = {
             "outputs": outputs,
             "batch_stats": updates["batch_stats"],
             "contrastive_loss": contrastive_loss,
             "probe_loss": probe_loss,
             "probe_accuracy": probe_accuracy,
+            "hybrid_terms": hybrid_terms,
         }
-        return contrastive_loss + probe_loss, aux
+        return loss, aux
 
     return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
@@ -119,6 +133,7 @@ def train_step(
     temperature: float,
     learning_rate_fn: Callable[[jax.Array], jax.Array],
     loss_block_size: int = 0,
+    hybrid: reconstruction.HybridObjective | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimisation step on a (global) batch; returns the new state and scalar metrics.
 
@@ -126,7 +141,7 @@ def train_step(
     it per step, e.g. ``jax.random.fold_in(base_key, step)``.
     """
     (loss, aux), grads = loss_and_gradients(
-        state, batch, key, temperature=temperature, loss_block_size=loss_block_size
+        state, batch, key, temperature=temperature, loss_block_size=loss_block_size, hybrid=hybrid
     )
     new_state = state.apply_gradients(grads=grads, batch_stats=aux["batch_stats"])
     metrics = {
@@ -135,6 +150,7 @@ def train_step(
         **losses.contrastive_metrics(aux["outputs"]["z"], temperature, loss_block_size),
         "probe_loss": aux["probe_loss"],
         "probe_accuracy": aux["probe_accuracy"],
+        **aux["hybrid_terms"],
         "learning_rate": learning_rate_fn(state.step),
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(new_state.params),
@@ -148,6 +164,7 @@ def jit_train_step(
     temperature: float,
     learning_rate_fn: Callable[[jax.Array], jax.Array],
     loss_block_size: int = 0,
+    hybrid: reconstruction.HybridObjective | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """:func:`train_step` compiled for ``mesh``: state replicated and donated, batch sharded.
 
@@ -160,6 +177,7 @@ def jit_train_step(
         temperature=temperature,
         learning_rate_fn=learning_rate_fn,
         loss_block_size=loss_block_size,
+        hybrid=hybrid,
     )
     replicated = parallel.replicated(mesh)
     return jax.jit(

@@ -9,6 +9,7 @@ still waits for them is logged as ``data_wait_fraction``.
 """
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -23,18 +24,58 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simclr_jax import checkpointing, optim, parallel, prefetch, reporting, step
+from simclr_jax import (
+    checkpointing,
+    optim,
+    parallel,
+    prefetch,
+    reconstruction,
+    reporting,
+    step,
+    visualize,
+)
 from simclr_jax.data import augment, pipeline
 from simclr_jax.evaluation import features, knn, linear_probe
-from simclr_jax.models import SimCLR, simclr_resnet
+from simclr_jax.models import SimCLR, decoder, simclr_resnet
+
+_DECODERS = ("none", "ae", "vae")
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
+def reconstruction_head(
+    config: ml_collections.ConfigDict,
+) -> decoder.AutoencoderHead | decoder.VariationalHead | None:
+    """The reconstruction head ``config.hybrid.decoder`` names, or None for plain SimCLR."""
+    hybrid = config.hybrid
+    if hybrid.decoder not in _DECODERS:
+        raise ValueError(f"hybrid.decoder must be one of {_DECODERS}, got {hybrid.decoder!r}")
+    dtype = jnp.dtype(config.model.dtype)
+    if hybrid.decoder == "ae":
+        return decoder.AutoencoderHead(channels=hybrid.decoder_channels, dtype=dtype)
+    if hybrid.decoder == "vae":
+        return decoder.VariationalHead(
+            latent_dim=hybrid.latent_dim, channels=hybrid.decoder_channels, dtype=dtype
+        )
+    return None
+
+
+def hybrid_objective(config: ml_collections.ConfigDict) -> reconstruction.HybridObjective | None:
+    """The reconstruction terms of ``config.hybrid``, or None when its decoder is off."""
+    if reconstruction_head(config) is None:
+        return None
+    return reconstruction.HybridObjective(
+        reconstruction_weight=config.hybrid.reconstruction_weight,
+        kl_weight=config.hybrid.kl_weight,
+        target=config.hybrid.target,
+    )
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> SimCLR:
-    """The SimCLR network that ``config.model`` describes, with a probe over ``num_classes``."""
+    """The SimCLR network that ``config.model`` describes, with a probe over ``num_classes``
+    and the reconstruction head of ``config.hybrid`` (if any)."""
     return simclr_resnet(
         depth=config.model.depth,
         width_multiplier=config.model.width_multiplier,
@@ -45,6 +86,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> SimCLR:
         projection_dim=config.model.projection_dim,
         dtype=jnp.dtype(config.model.dtype),
         conv_impl=config.model.conv_impl,
+        reconstruction_head=reconstruction_head(config),
     )
 
 
@@ -59,6 +101,7 @@ def augment_config(config: ml_collections.ConfigDict, image_size: int) -> augmen
         grayscale_prob=config.augment.grayscale_prob,
         blur_prob=config.augment.blur_prob,
         brightness_mode=config.augment.brightness_mode,
+        rotation_degrees=config.augment.rotation_degrees,
     )
 
 
@@ -106,17 +149,25 @@ class _RunPlan:
             total_steps=self.total_steps,
         )
         self.model = build_model(config, self.num_classes)
+        self.hybrid = hybrid_objective(config)
 
     def compatibility(self) -> dict[str, Any]:
         """What a checkpoint must share with this run to be restored into it (how convolutions
         are computed is not part of it: every ``conv_impl`` has the same parameters)."""
         model = {k: v for k, v in self.config.model.to_dict().items() if k != "conv_impl"}
-        return {
+        compatibility = {
             **model,
             "image_shape": list(self.image_shape),
             "num_classes": self.num_classes,
             "optimizer": self.config.optimizer,
         }
+        if self.hybrid is not None:  # recorded only when on: plain checkpoints stay compatible
+            hybrid = self.config.hybrid
+            compatibility["hybrid_decoder"] = hybrid.decoder
+            compatibility["hybrid_decoder_channels"] = hybrid.decoder_channels
+            if hybrid.decoder == "vae":
+                compatibility["hybrid_latent_dim"] = hybrid.latent_dim
+        return compatibility
 
     def initial_state(self, seed: int) -> step.TrainState:
         tx = optim.create_optimizer(
@@ -137,6 +188,7 @@ class _RunPlan:
             start_step=start_step,
             cache=self.config.cache,
             shuffle_buffer=self.config.shuffle_buffer,
+            with_input_image=self.hybrid is not None and self.hybrid.needs_input_image,
             **self.data_kwargs,
         )
 
@@ -243,6 +295,7 @@ def _train(
         temperature=config.temperature,
         learning_rate_fn=plan.learning_rate_fn,
         loss_block_size=config.loss_block_size,
+        hybrid=plan.hybrid,
     )
     embed = step.jit_embed_step(mesh)
     base_key = jax.random.key(config.seed)
@@ -360,11 +413,39 @@ def evaluate(plan: _RunPlan, state: step.TrainState, mesh) -> dict[str, float]:
     return results
 
 
+def save_reconstructions(
+    plan: _RunPlan, state: step.TrainState, mesh, path: str, num_images: int = 16
+) -> None:
+    """PNG of the first ``num_images`` eval-split images and their reconstructions.
+
+    Rows alternate: inputs, then their reconstructions (inference mode: the VAE decodes μ), in
+    rows of 8. Needs a model with a reconstruction head.
+    """
+    embed = step.jit_embed_step(mesh)
+
+    def inputs_and_reconstructions(state, images):
+        return {"input": images, "reconstruction": embed(state, images)["reconstruction"]}
+
+    first_batch = itertools.islice(plan.eval_batches(plan.config.eval_split), 1)
+    pairs = features.extract_features(
+        inputs_and_reconstructions, state, first_batch, mesh, ("input", "reconstruction")
+    )
+    columns = min(8, num_images, len(pairs["input"]))
+    rows = max(1, min(num_images, len(pairs["input"])) // columns)
+    grid = []
+    for r in range(rows):
+        for name in ("input", "reconstruction"):
+            grid.append(pairs[name][r * columns : (r + 1) * columns])
+    if jax.process_index() == 0:
+        visualize.save_image_grid(path, np.stack(grid), scale=2)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
     """Pretrains, checkpoints and evaluates; returns the results (None if stopped by a signal).
 
     Writes ``WORKDIR/config.json``, ``metrics.jsonl``, TensorBoard files under ``tensorboard/``,
-    checkpoints under ``checkpoints/`` and, at the end, ``results.json``.
+    checkpoints under ``checkpoints/`` and, at the end, ``results.json`` (and, with a decoder,
+    ``reconstructions.png``).
     """
     started = time.perf_counter()
     workdir = os.path.abspath(workdir)
@@ -394,6 +475,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             train_seconds = time.perf_counter() - train_started
         if not completed:
             return None
+        if plan.hybrid is not None:
+            save_reconstructions(plan, state, mesh, os.path.join(workdir, "reconstructions.png"))
         results = {
             **evaluate(plan, state, mesh),
             "steps": plan.total_steps,

@@ -443,3 +443,29 @@ def test_labelled_batches_reject_positions_outside_the_split(tiny_data_dir):
             seed=0,
             data_dir=tiny_data_dir,
         )
+
+
+def test_pretrain_batches_can_carry_the_input_image_at_the_view_size(tiny_data_dir):
+    def stream(**kwargs):
+        return pipeline.pretrain_batches(
+            "tiny_indexed_images",
+            "train",
+            host_batch_size=4,
+            augment_config=AugmentConfig(image_size=6, blur_prob=0.0),
+            seed=3,
+            process_index=0,
+            process_count=1,
+            data_dir=tiny_data_dir,
+            **kwargs,
+        )
+
+    with_image = take(stream(with_input_image=True), 4)
+    without = take(stream(), 4)
+    for batch, reference in zip(with_image, without, strict=True):
+        assert batch.keys() == {"views", "label", "image"}
+        np.testing.assert_array_equal(batch["views"], reference["views"])
+        np.testing.assert_array_equal(batch["label"], reference["label"])
+        assert batch["image"].shape == (4, 6, 6, 3) and batch["image"].dtype == np.float32
+        # Example i is the constant image i + 1: resizing keeps the constant.
+        expected = (batch["label"] + 1)[:, None, None, None] / 255.0
+        np.testing.assert_allclose(batch["image"], np.broadcast_to(expected, (4, 6, 6, 3)), 1e-5)

@@ -8,7 +8,8 @@ same seed always gives bit-identical views, eagerly or inside ``tf.data.Dataset.
 The pretraining view follows the SimCLR recipe (paper and official TF2 code), in this order:
 random crop + bicubic resize (always), horizontal flip, colour jitter (brightness, contrast,
 saturation, hue in a random order), grayscale, Gaussian blur. Images are floats in [0, 1] with
-no mean/std normalisation.
+no mean/std normalisation. An optional random rotation (not in SimCLR's recipe; the hybrid
+autoencoder article uses ±15°) follows the crop when ``rotation_degrees > 0``.
 
 Two deliberate choices where implementations differ:
 - Gaussian blur draws one σ per image (as in the paper) rather than one per batch (official
@@ -25,6 +26,7 @@ leaving the accelerators to JAX.
 import contextlib
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
@@ -39,6 +41,9 @@ DEFAULT_FLIP_PROB = 0.5
 _MIN_OBJECT_COVERED = 0.1
 _MAX_CROP_ATTEMPTS = 100
 _BRIGHTNESS_MODES = ("multiplicative", "additive")
+# The rotation's seed is the view's seed folded with this, outside the view's seed split, so that
+# turning rotation on leaves every other op's randomness unchanged.
+_ROTATION_FOLD = 7
 
 Transform = Callable[[tf.Tensor], tf.Tensor]
 
@@ -50,6 +55,8 @@ class AugmentConfig:
     A probability of 0 removes that op entirely (the CIFAR-10 recipe uses ``blur_prob=0`` and
     ``color_jitter_strength=0.5``). ``brightness_mode`` selects SimCLR v2/TF2 brightness
     ("multiplicative": factor ~ U[1-0.8s, 1+0.8s]) or v1 ("additive": delta ~ U[-0.8s, 0.8s]).
+    ``rotation_degrees`` > 0 rotates every view by an angle ~ U[-r, r] degrees (see
+    `random_rotation`); 0 adds no op.
     """
 
     image_size: int
@@ -62,6 +69,7 @@ class AugmentConfig:
     blur_prob: float = 0.5
     blur_sigma_range: tuple[float, float] = (0.1, 2.0)
     brightness_mode: str = "multiplicative"
+    rotation_degrees: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
@@ -82,6 +90,8 @@ class AugmentConfig:
                 f"color_jitter_strength must be non-negative, got {self.color_jitter_strength}"
             )
         _check_brightness_mode(self.brightness_mode)
+        if not 0 <= self.rotation_degrees <= 180:
+            raise ValueError(f"rotation_degrees must be in [0, 180], got {self.rotation_degrees}")
 
 
 def random_resized_crop(
@@ -205,12 +215,62 @@ def gaussian_blur(
     return tf.clip_by_value(blurred[0], 0.0, 1.0)
 
 
+def sample_rotation_angle(seed: tf.Tensor, max_degrees: float) -> tf.Tensor:
+    """An angle in radians, uniform in [-max_degrees, max_degrees] degrees."""
+    max_radians = math.radians(max_degrees)
+    return _uniform(seed, -max_radians, max_radians)
+
+
+def rotate(image: tf.Tensor, angle: tf.Tensor | float) -> tf.Tensor:
+    """Rotates a ``[H, W, C]`` image counter-clockwise (as displayed) by ``angle`` radians.
+
+    The rotation is about the image centre, ``((W - 1) / 2, (H - 1) / 2)`` in pixel
+    coordinates, so a quarter turn of a square image permutes its pixels exactly. Values are
+    interpolated bilinearly; output pixels whose source lies outside the image are filled with
+    0 (black corners), the usual fill for rotation augmentations. Returns float32 in [0, 1].
+    """
+    image = _to_float(image)
+    angle = tf.cast(angle, tf.float32)
+    height = tf.cast(tf.shape(image)[0], tf.float32)
+    width = tf.cast(tf.shape(image)[1], tf.float32)
+    center_x, center_y = (width - 1) / 2, (height - 1) / 2
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    # Maps each output pixel (x, y) to the input point it samples: the inverse rotation.
+    transform = tf.stack(
+        [
+            cos,
+            -sin,
+            center_x - cos * center_x + sin * center_y,
+            sin,
+            cos,
+            center_y - sin * center_x - cos * center_y,
+            0.0,
+            0.0,
+        ]
+    )
+    rotated = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[tf.newaxis],
+        transforms=transform[tf.newaxis],
+        output_shape=tf.shape(image)[:2],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
+    return tf.clip_by_value(tf.ensure_shape(rotated[0], image.shape), 0.0, 1.0)
+
+
+def random_rotation(image: tf.Tensor, seed: tf.Tensor, max_degrees: float) -> tf.Tensor:
+    """`rotate` by the angle `sample_rotation_angle` draws from ``seed``."""
+    return rotate(image, sample_rotation_angle(seed, max_degrees))
+
+
 def simclr_augment(image: tf.Tensor, seed: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
     """One SimCLR pretraining view of a ``[H, W, C]`` image (C in {1, 3}).
 
     Accepts uint8 (0..255) or float ([0, 1]) input; returns float32 ``[size, size, C]`` in
     [0, 1]. Order: crop + resize, flip, colour jitter, grayscale (independent of the jitter),
-    blur, each after an independent coin flip with the configured probability.
+    blur, each after an independent coin flip with the configured probability. With
+    ``rotation_degrees`` > 0, a random rotation follows the crop.
     """
     crop_seed, flip_seed, jitter_gate, jitter_seed, gray_gate, blur_gate, blur_seed = _split(
         seed, 7
@@ -218,6 +278,9 @@ def simclr_augment(image: tf.Tensor, seed: tf.Tensor, config: AugmentConfig) -> 
     image = random_resized_crop(
         image, crop_seed, config.image_size, config.crop_area_range, config.crop_aspect_range
     )
+    if config.rotation_degrees > 0:
+        rotation_seed = tf.random.experimental.stateless_fold_in(_as_seed(seed), _ROTATION_FOLD)
+        image = random_rotation(image, rotation_seed, config.rotation_degrees)
     image = _random_apply(tf.image.flip_left_right, config.flip_prob, flip_seed, image)
     jitter = functools.partial(
         color_jitter,

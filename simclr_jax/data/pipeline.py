@@ -78,6 +78,7 @@ def pretrain_batches(
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     process_index: int | None = None,
     process_count: int | None = None,
+    with_input_image: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches `{"views": float32 [b, 2, S, S, C], "label": int32 [b]}` of this process.
 
@@ -85,7 +86,9 @@ def pretrain_batches(
     `label` is its class (-1 when unlabelled). Batches are full (`b = host_batch_size`); the
     stream restarted with `start_step=k` continues exactly where step k of the original left
     off. `cache` keeps the encoded slice in memory: right for small datasets, not ImageNet.
-    The process index and count default to JAX's.
+    The process index and count default to JAX's. `with_input_image` adds `"image": float32
+    [b, S, S, C]`, the un-augmented example resized to the view size (as `eval_preprocess`
+    does), e.g. as a reconstruction target; the views are the same with or without it.
     """
     if host_batch_size <= 0:
         raise ValueError(f"host_batch_size must be positive, got {host_batch_size}")
@@ -128,7 +131,13 @@ def pretrain_batches(
     def augment(position: tf.Tensor, record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         example_key = tf.random.experimental.stateless_fold_in(augment_key, position)
         image = source.decode_image(record["image"])
-        return {"views": simclr_views(image, example_key, augment_config), "label": record["label"]}
+        example = {
+            "views": simclr_views(image, example_key, augment_config),
+            "label": record["label"],
+        }
+        if with_input_image:
+            example["image"] = eval_preprocess(image, augment_config.image_size)
+        return example
 
     stream = (
         tf.data.Dataset.counter(first_epoch)

@@ -17,16 +17,21 @@ class SimCLR(nn.Module):
       projection_head: a module called as `projection_head(h, train=train)`, e.g.
         `ProjectionHead`.
       num_classes: number of classes of the online linear probe (at least 1).
+      reconstruction_head: optional module called as `head(h, image_shape, train=train)` that
+        returns a dict (e.g. `{"reconstruction": [B, H, W, C]}`, see `models.decoder`) merged
+        into the outputs; None (default) gives plain SimCLR.
 
     `__call__(x, train)` returns `{"h": [B, d], "z": [B, output_dim], "logits": [B, num_classes]}`,
     all float32. h is the representation kept after pretraining, z feeds the contrastive loss, and
     the logits come from `LinearProbe` on `stop_gradient(h)`, so a loss on them trains the probe
-    alone. Parameters live under `encoder`, `projection_head` and `linear_probe`.
+    alone. Parameters live under `encoder`, `projection_head` and `linear_probe` (and
+    `reconstruction_head`).
     """
 
     encoder: nn.Module
     projection_head: nn.Module
     num_classes: int
+    reconstruction_head: nn.Module | None = None
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -38,7 +43,10 @@ class SimCLR(nn.Module):
         h = self.encoder(x, train=train).astype(jnp.float32)
         z = self.projection_head(h, train=train).astype(jnp.float32)
         logits = LinearProbe(self.num_classes, name="linear_probe")(h)
-        return {"h": h, "z": z, "logits": logits}
+        outputs = {"h": h, "z": z, "logits": logits}
+        if self.reconstruction_head is not None:
+            outputs.update(self.reconstruction_head(h, x.shape[1:], train=train))
+        return outputs
 
 
 def simclr_resnet(
@@ -51,6 +59,7 @@ def simclr_resnet(
     base_width: int = 64,
     dtype: Any = jnp.float32,
     conv_impl: str = "auto",
+    reconstruction_head: nn.Module | None = None,
 ) -> SimCLR:
     """SimCLR with a `ResNet` encoder and the official `ProjectionHead` (hidden width = d)."""
     return SimCLR(
@@ -66,4 +75,5 @@ def simclr_resnet(
             num_layers=projection_layers, output_dim=projection_dim, dtype=dtype
         ),
         num_classes=num_classes,
+        reconstruction_head=reconstruction_head,
     )
