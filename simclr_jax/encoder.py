@@ -41,8 +41,10 @@ def features(model: SimCLR, variables: dict[str, Any], images: jax.Array, output
 class Encoder:
     """A pretrained network and its variables ``{"params", "batch_stats"}``.
 
-    ``model_config`` is the run's ``config.model`` as a dict; ``image_shape`` the ``(H, W, C)``
-    the network was trained on; ``num_classes`` the width of its online probe.
+    ``model_config`` holds what builds the network: the run's ``config.model`` and
+    ``config.hybrid`` (its reconstruction head, if any) as dicts under those keys;
+    ``image_shape`` the ``(H, W, C)`` the network was trained on; ``num_classes`` the width of
+    its online probe.
     """
 
     model: SimCLR
@@ -78,7 +80,7 @@ def from_state(
     return Encoder(
         model=trainer.build_model(config, num_classes),
         variables=jax.device_get(variables),
-        model_config=config.model.to_dict(),
+        model_config={"model": config.model.to_dict(), "hybrid": config.hybrid.to_dict()},
         num_classes=num_classes,
         image_shape=tuple(image_shape),
     )
@@ -143,7 +145,7 @@ def export_encoder(encoder: Encoder, path: str | os.PathLike) -> str:
         "version": _VERSION,
         "metadata": json.dumps(
             {
-                "model": encoder.model_config,
+                "network": encoder.model_config,
                 "num_classes": encoder.num_classes,
                 "image_shape": list(encoder.image_shape),
             }
@@ -170,11 +172,11 @@ def load_encoder(path: str | os.PathLike) -> Encoder:
     if payload["version"] != _VERSION:
         raise ValueError(f"{path} has format version {payload['version']}, expected {_VERSION}.")
     metadata = json.loads(payload["metadata"])
-    config = ml_collections.ConfigDict({"model": metadata["model"]})
+    config = ml_collections.ConfigDict(metadata["network"])
     return Encoder(
         model=trainer.build_model(config, metadata["num_classes"]),
         variables=payload["variables"],
-        model_config=metadata["model"],
+        model_config=metadata["network"],
         num_classes=metadata["num_classes"],
         image_shape=tuple(metadata["image_shape"]),
     )
