@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import sys
 
 import pytest
 
@@ -27,6 +28,10 @@ def test_notebook_runs_in_smoke_mode(path, fashion_mnist_data_dir, tmp_path, mon
     monkeypatch.setenv("SIMCLR_NOTEBOOK_SMOKE", "1")
     monkeypatch.setenv("SIMCLR_NOTEBOOK_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("TFDS_DATA_DIR", fashion_mnist_data_dir)
+    # The kernel spec starts "python": make that this interpreter (e.g. .venv's), whatever PATH.
+    monkeypatch.setenv(
+        "PATH", os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+    )
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
