@@ -139,16 +139,14 @@ def pretrain_batches(
             example["image"] = eval_preprocess(image, augment_config.image_size)
         return example
 
-    stream = (
+    examples = (
         tf.data.Dataset.counter(first_epoch)
         .flat_map(shuffled_epoch)
         .skip(offset)
         .enumerate(start=start_position)
         .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(host_batch_size, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
     )
-    return stream.with_options(_deterministic_options()).as_numpy_iterator()
+    return _host_batches(examples, host_batch_size)
 
 
 def eval_batches(
@@ -204,12 +202,7 @@ def eval_batches(
         "mask": tf.constant(False),
     }
     padding = tf.data.Dataset.from_tensors(padding_row).repeat(padded_size - slice_size)
-    stream = (
-        examples.concatenate(padding)
-        .batch(host_batch_size, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    return stream.with_options(_deterministic_options()).as_numpy_iterator()
+    return _host_batches(examples.concatenate(padding), host_batch_size)
 
 
 def split_labels(
@@ -280,15 +273,13 @@ def labelled_batches(
         image = linear_eval_augment(source.decode_image(record["image"]), example_key, image_size)
         return {"image": image, "label": record["label"]}
 
-    stream = (
+    examples = (
         records.shuffle(share, seed=seed, reshuffle_each_iteration=True)
         .repeat()
         .enumerate()
         .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(host_batch_size, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
     )
-    return stream.with_options(_deterministic_options()).as_numpy_iterator()
+    return _host_batches(examples, host_batch_size)
 
 
 def examples_at(
@@ -315,6 +306,14 @@ def examples_at(
     )
     stacked = np.stack(list(images.as_numpy_iterator()))
     return stacked[np.searchsorted(unique, indices)]
+
+
+def _host_batches(
+    examples: tf.data.Dataset, host_batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Full batches of ``examples`` as NumPy, prefetched, in an order fixed by the input alone."""
+    stream = examples.batch(host_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return stream.with_options(_deterministic_options()).as_numpy_iterator()
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:

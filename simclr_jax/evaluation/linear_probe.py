@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from simclr_jax.evaluation import subsets
+
 # One value per decade. Fits run from the strongest regularisation down, each warm-started from
 # the previous solution, so the weakly regularised (slowly converging) fits start close.
 DEFAULT_L2_GRID = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -221,10 +223,8 @@ def fit_logistic_regression(
 
 def _stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask holding out ``round(fraction * count)`` random examples of each class."""
-    rng = np.random.default_rng(seed)
     holdout = np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
+    for members in subsets.class_orders(labels, seed).values():
         holdout[members[: round(fraction * len(members))]] = True
     if holdout.all() or not holdout.any():
         raise ValueError(

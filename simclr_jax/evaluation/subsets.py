@@ -9,7 +9,7 @@ the split accuracies are reported on.
 import numpy as np
 
 
-def _class_orders(labels: np.ndarray, seed: int) -> dict[int, np.ndarray]:
+def class_orders(labels: np.ndarray, seed: int) -> dict[int, np.ndarray]:
     """For each class present (label >= 0), its positions in a random order fixed by ``seed``."""
     rng = np.random.default_rng(seed)
     return {
@@ -26,7 +26,7 @@ def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarra
     labels = np.asarray(labels)
     if per_class < 1:
         raise ValueError(f"the label budget must be at least 1 per class, got {per_class}.")
-    orders = _class_orders(labels, seed)
+    orders = class_orders(labels, seed)
     smallest = min((len(members) for members in orders.values()), default=0)
     if per_class > smallest:
         raise ValueError(
@@ -44,7 +44,7 @@ def fraction_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     labels = np.asarray(labels)
     if not 0 < fraction <= 1:
         raise ValueError(f"the label fraction must be in (0, 1], got {fraction}.")
-    orders = _class_orders(labels, seed)
+    orders = class_orders(labels, seed)
     if not orders:
         raise ValueError("the split has no labelled examples.")
     return np.sort(
