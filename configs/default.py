@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.knn_temperature = 0.0  # > 0: votes weighted by exp(sim / T); 0 = majority vote
     config.linear_probe_holdout_fraction = 0.1  # part of the train split that picks the ℓ2
     config.compute_baselines = True  # raw-pixel and random-encoder linear probes
+    config.evaluate_at_end = True  # False: train only; results.json then holds no accuracies
 
     # --- Evaluation suite: python -m simclr_jax.evaluate (SimCLR §6) -----------------------------
     config.evaluation = ml_collections.ConfigDict()

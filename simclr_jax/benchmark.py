@@ -1,23 +1,36 @@
-"""Train-step benchmark: ``python -m simclr_jax.benchmark [--config=PATH | model flags]``.
+"""Train-step benchmark: ``python -m simclr_jax.benchmark [--config=PATH] [model flags]``.
 
 Times the real SimCLR training step (the model, NT-Xent, optimiser and jit over a data mesh that
 ``python -m simclr_jax.train`` uses) on random images of a given shape, and prints one JSON line:
 median and minimum step time over ``--steps`` timed steps after compilation and ``--warmup``
-untimed ones; images/s (views: a step processes ``2 * batch`` images); the step's FLOPs from
-XLA's cost analysis; the FLOP/s achieved; and utilisation against the float32 matmul FLOP/s that
-the same process measures on the same devices.
+untimed ones; images/s (views: a step processes ``2 * batch`` images); the step's FLOPs; the
+FLOP/s achieved; and utilisation against the float32 matmul FLOP/s that the same process
+measures on the same devices.
+
+``flops_per_step`` is the model's work, whichever ``conv_impl`` is timed: XLA's cost analysis of
+the same step compiled (not run) with ``conv_impl="xla"``. The ``matmul_grads`` formulation
+computes the same gradients with extra arithmetic (unit-stride kernel gradients run on a padded
+grid), which would otherwise count as useful work; ``achieved_flops_per_s`` and ``utilisation``
+divide the model's FLOPs by the timed step.
 
 The model flags mean what they mean for the PyTorch reference step (``--model resnet18 --width 64
 --image-size 32 --channels 3 --batch 128``: CIFAR stem up to 32 px, a 2-layer projection head,
 τ = 0.5, SGD with momentum), so the two programs can be run side by side. With ``--config`` the
-model, batch, image shape (from the dataset's metadata), dtype and optimiser come from a recipe.
+model, batch, image shape (from the dataset's metadata), dtype, ``conv_impl`` and optimiser come
+from a recipe, and model flags given explicitly override the recipe's values. A recipe also
+adds the input pipeline's throughput (``input_pairs_per_s``, and ``input_headroom``: augmented
+views the pipeline makes per second over the images the step consumes per second; below about
+1 training is input-bound) and, with ``--measure-data-wait``, ``data_wait_fraction`` from a short
+real training run (``trainer.train_and_evaluate``, logged to ``metrics.jsonl``).
 """
 
 import argparse
-import importlib.util
+import contextlib
 import json
 import os
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,8 +41,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from simclr_jax import optim, parallel, step
-from simclr_jax.models import conv, simclr_resnet
+from simclr_jax import cli, input_throughput, optim, parallel, step
+from simclr_jax.models import SimCLR, conv, simclr_resnet
 
 
 @dataclass(frozen=True)
@@ -42,15 +55,13 @@ class StepSetup:
     image_size: int = 32
     channels: int = 3
     batch: int = 128
+    stem: str = "cifar"
     projection_layers: int = 2
+    projection_dim: int = 128
     dtype: str = "float32"
     conv_impl: str = "auto"
     optimizer: str = "sgd"
     temperature: float = 0.5
-
-    @property
-    def stem(self) -> str:
-        return "cifar" if self.image_size <= 32 else "imagenet"
 
 
 def setup_from_config(config: ml_collections.ConfigDict) -> StepSetup:
@@ -72,7 +83,9 @@ def setup_from_config(config: ml_collections.ConfigDict) -> StepSetup:
         image_size=config.image_size or height,
         channels=channels,
         batch=config.global_batch_size,
+        stem=config.model.stem,
         projection_layers=config.model.projection_layers,
+        projection_dim=config.model.projection_dim,
         dtype=config.model.dtype,
         conv_impl=config.model.conv_impl,
         optimizer=config.optimizer,
@@ -92,7 +105,7 @@ def _timed(fn: Callable[[], Any], repeats: int) -> list[float]:
 
 def matmul_peak_flops(mesh: jax.sharding.Mesh, size: int | None = None, repeats: int = 5) -> float:
     """Float32 FLOP/s of one large matmul per device, run on every device of ``mesh`` at once."""
-    size = size or (2048 if jax.default_backend() == "cpu" else 8192)
+    size = size or (1024 if jax.default_backend() == "cpu" else 8192)
     devices = mesh.devices.size
     sharding = parallel.batch_sharded(mesh)
     a = jax.device_put(jnp.ones((devices, size, size), jnp.float32), sharding)
@@ -101,25 +114,45 @@ def matmul_peak_flops(mesh: jax.sharding.Mesh, size: int | None = None, repeats:
     return 2 * devices * size**3 / min(_timed(lambda: matmul(a), repeats))
 
 
-def benchmark_step(setup: StepSetup, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
-    """Times ``steps`` training steps of ``setup`` on all devices; returns the JSON record."""
-    mesh = parallel.data_mesh()
-    parallel.check_global_batch_size(setup.batch, mesh, "--batch")
-    model = simclr_resnet(
+def _model(setup: StepSetup, conv_impl: str) -> SimCLR:
+    return simclr_resnet(
         depth=setup.depth,
         width_multiplier=setup.width_multiplier,
         base_width=setup.base_width,
         stem=setup.stem,
         num_classes=10,
         projection_layers=setup.projection_layers,
+        projection_dim=setup.projection_dim,
         dtype=jnp.dtype(setup.dtype),
-        conv_impl=setup.conv_impl,
+        conv_impl=conv_impl,
     )
+
+
+def _flops(compiled: jax.stages.Compiled) -> float:
+    """The FLOPs XLA's cost analysis counts in a compiled computation (NaN if it has none)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # one entry per computation in some JAX versions
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", float("nan")))
+
+
+def benchmark_step(
+    setup: StepSetup, steps: int = 10, warmup: int = 2, devices: int | None = None
+) -> dict[str, Any]:
+    """Times ``steps`` training steps of ``setup`` on the first ``devices`` devices (None: all);
+    returns the JSON record."""
+    available = jax.devices()
+    if devices is not None and not 1 <= devices <= len(available):
+        raise ValueError(f"--devices must be in [1, {len(available)}], got {devices}.")
+    mesh = parallel.data_mesh(available[:devices])
+    parallel.check_global_batch_size(setup.batch, mesh, "--batch")
     learning_rate = 0.1
     tx = optim.create_optimizer(setup.optimizer, learning_rate, weight_decay=1e-6)
     image_shape = (setup.image_size, setup.image_size, setup.channels)
+    # Any initial values do: RngBitGenerator keys compile far faster than threefry on a CPU.
+    init_key = jax.random.key(0, impl="rbg")
     state = jax.device_put(
-        step.create_train_state(model, tx, jax.random.key(0), image_shape),
+        step.create_train_state(_model(setup, setup.conv_impl), tx, init_key, image_shape),
         parallel.replicated(mesh),
     )
     rng = np.random.default_rng(0)
@@ -132,14 +165,20 @@ def benchmark_step(setup: StepSetup, steps: int = 10, warmup: int = 2) -> dict[s
     train_step = step.jit_train_step(
         mesh, temperature=setup.temperature, learning_rate_fn=lambda _: learning_rate
     )
-    flops = train_step.lower(state, batch, key).cost_analysis().get("flops", float("nan"))
+    compiled = train_step.lower(state, batch, key).compile()
+    conv_impl = conv.resolve_conv_impl(setup.conv_impl)
+    if conv_impl == "xla":
+        flops = _flops(compiled)
+    else:  # the same parameters, computed by XLA's own convolutions: compiled, never run
+        xla_state = state.replace(apply_fn=_model(setup, "xla").apply)
+        flops = _flops(train_step.lower(xla_state, batch, key).compile())
 
     def run_one():
         nonlocal state
-        state, metrics = train_step(state, batch, key)
+        state, metrics = compiled(state, batch, key)
         return metrics
 
-    _timed(run_one, max(warmup, 1))  # the first call compiles
+    _timed(run_one, warmup)
     times = _timed(run_one, steps)
     median = statistics.median(times)
     peak = matmul_peak_flops(mesh)
@@ -149,7 +188,7 @@ def benchmark_step(setup: StepSetup, steps: int = 10, warmup: int = 2) -> dict[s
         "backend": jax.default_backend(),
         "devices": mesh.devices.size,
         **asdict(setup),
-        "conv_impl_resolved": conv.resolve_conv_impl(setup.conv_impl),
+        "conv_impl_resolved": conv_impl,
         "steps": steps,
         "median_step_s": round(median, 4),
         "min_step_s": round(min(times), 4),
@@ -161,13 +200,51 @@ def benchmark_step(setup: StepSetup, steps: int = 10, warmup: int = 2) -> dict[s
     }
 
 
+def input_fields(config: ml_collections.ConfigDict, step_images_per_s: float) -> dict[str, float]:
+    """``input_pairs_per_s`` of ``config``'s pretraining pipeline (this process, model-free) and
+    ``input_headroom``: the views it makes per second over those the step consumes per process."""
+    measured = input_throughput.measure_pretrain_throughput(config)
+    consumed = step_images_per_s / jax.process_count()
+    return {
+        "input_pairs_per_s": round(measured["pairs_per_s"], 2),
+        "input_headroom": round(measured["views_per_s"] / consumed, 3),
+    }
+
+
+def measure_data_wait(config: ml_collections.ConfigDict, steps: int = 30) -> dict[str, float]:
+    """``data_wait_fraction`` of a ``steps``-step training run of ``config`` in a temporary workdir.
+
+    Runs :func:`simclr_jax.trainer.train_and_evaluate` without evaluation, logging six times; the
+    first logged interval (compilation, the pipeline's start) is left out of the mean. The run's
+    terminal output goes to stderr, so stdout keeps one JSON line.
+    """
+    from simclr_jax import trainer
+
+    if steps < 2:
+        raise ValueError(f"--data-wait-steps must be at least 2, got {steps}.")
+    config = config.copy_and_resolve_references()
+    config.num_train_steps = steps
+    config.log_every_steps = max(1, steps // 6)
+    config.checkpoint_every_steps = steps
+    config.eval_every_steps = 0
+    config.compute_baselines = False
+    config.evaluate_at_end = False
+    with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(sys.stderr):
+        trainer.train_and_evaluate(config, workdir)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+    fractions = [r["data_wait_fraction"] for r in records if "data_wait_fraction" in r]
+    return {
+        "data_wait_fraction": round(statistics.mean(fractions[1:] or fractions), 4),
+        "data_wait_steps": steps,
+    }
+
+
 def _load_config(path: str) -> ml_collections.ConfigDict:
     """``get_config()`` of a config file (``configs/*.py``, which import ``configs.default``)."""
-    import sys
+    import importlib.util
 
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if repo_root not in sys.path:
-        sys.path.insert(0, repo_root)
+    cli.add_configs_to_path()
     spec = importlib.util.spec_from_file_location("benchmarked_config", path)
     if spec is None or spec.loader is None or not os.path.isfile(path):
         raise SystemExit(f"error: config file not found: {path}")
@@ -176,36 +253,111 @@ def _load_config(path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
+# Manual-mode values of the model flags; with --config the recipe's values take their place.
+_DEFAULTS = {
+    "model": "resnet18",
+    "width": 64,
+    "width_multiplier": 1.0,
+    "image_size": 32,
+    "channels": 3,
+    "batch": 128,
+    "dtype": "float32",
+    "conv_impl": "auto",
+}
+# Model flag -> the recipe field it overrides (--model sets the depth).
+_CONFIG_FIELDS = {
+    "model": ("model", "depth"),
+    "width": ("model", "base_width"),
+    "width_multiplier": ("model", "width_multiplier"),
+    "image_size": ("image_size",),
+    "batch": ("global_batch_size",),
+    "dtype": ("model", "dtype"),
+    "conv_impl": ("model", "conv_impl"),
+}
+
+
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Model flags default to the values in brackets; with --config they default to the "
+        "recipe's, and those given explicitly override the recipe (the training run of "
+        "--measure-data-wait and the input measurement use the overridden recipe too).",
+    )
     parser.add_argument("--config", help="recipe to benchmark (configs/NAME.py)")
-    parser.add_argument("--model", default="resnet18", help="resnet18, resnet34, resnet50, ...")
-    parser.add_argument("--width", type=int, default=64, help="channels of the first group")
-    parser.add_argument("--width-multiplier", type=float, default=1.0)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--channels", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=128, help="images per step (2 views each)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--conv-impl", default="auto", choices=conv.CONV_IMPLS)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    return parser.parse_args(argv)
+    model = parser.add_argument_group("model flags")
+    model.add_argument("--model", help="resnet18, resnet34, resnet50, ... [resnet18]")
+    model.add_argument("--width", type=int, help="channels of the first group [64]")
+    model.add_argument("--width-multiplier", type=float, help="[1.0]")
+    model.add_argument("--image-size", type=int, help="[32]")
+    model.add_argument(
+        "--channels", type=int, help="[3]; with --config the dataset's, not overridable"
+    )
+    model.add_argument("--batch", type=int, help="images per step, 2 views each [128]")
+    model.add_argument("--dtype", choices=("float32", "bfloat16"), help="[float32]")
+    model.add_argument("--conv-impl", choices=conv.CONV_IMPLS, help="[auto]")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps [10]")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling [2]")
+    parser.add_argument("--devices", type=int, help="time the step on the first N devices [all]")
+    recipe = parser.add_argument_group("with --config")
+    recipe.add_argument("--data-dir", help="TFDS data directory (the recipe's data_dir)")
+    recipe.add_argument(
+        "--no-input",
+        action="store_true",
+        help="skip timing the input pipeline (input_pairs_per_s, input_headroom)",
+    )
+    recipe.add_argument(
+        "--measure-data-wait",
+        action="store_true",
+        help="also train the recipe for --data-wait-steps steps and report data_wait_fraction",
+    )
+    recipe.add_argument("--data-wait-steps", type=int, default=30, help="[30]")
+    args = parser.parse_args(argv)
+    if not args.config:
+        for flag in ("data_dir", "measure_data_wait"):
+            if getattr(args, flag):
+                parser.error(f"--{flag.replace('_', '-')} needs --config")
+        for name, value in _DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    elif args.channels is not None:
+        parser.error("--channels comes from the recipe's dataset with --config")
+    return args
+
+
+def _depth(model: str) -> int:
+    depth = model.removeprefix("resnet")
+    if not depth.isdigit():
+        raise SystemExit(f"error: --model must be resnetDEPTH (e.g. resnet18), got {model}")
+    return int(depth)
+
+
+def config_with_overrides(args: argparse.Namespace) -> ml_collections.ConfigDict:
+    """The recipe ``--config`` names, with the model flags given explicitly written into it."""
+    config = _load_config(args.config)
+    if args.data_dir:
+        config.data_dir = args.data_dir
+    for name, field in _CONFIG_FIELDS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        *parents, leaf = field
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = _depth(value) if name == "model" else value
+    return config
 
 
 def _setup_from_args(args: argparse.Namespace) -> StepSetup:
-    if args.config:
-        setup = setup_from_config(_load_config(args.config))
-        return StepSetup(**{**asdict(setup), "conv_impl": args.conv_impl})
-    depth = args.model.removeprefix("resnet")
-    if not depth.isdigit():
-        raise SystemExit(f"error: --model must be resnetDEPTH (e.g. resnet18), got {args.model}")
+    """The manual-mode step: the PyTorch reference's network at the flags' sizes."""
     return StepSetup(
-        depth=int(depth),
+        depth=_depth(args.model),
         base_width=args.width,
         width_multiplier=args.width_multiplier,
         image_size=args.image_size,
         channels=args.channels,
         batch=args.batch,
+        stem="cifar" if args.image_size <= 32 else "imagenet",
         dtype=args.dtype,
         conv_impl=args.conv_impl,
     )
@@ -214,8 +366,20 @@ def _setup_from_args(args: argparse.Namespace) -> StepSetup:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     try:
-        record = benchmark_step(_setup_from_args(args), steps=args.steps, warmup=args.warmup)
-    except ValueError as error:
+        if not args.config:
+            setup = _setup_from_args(args)
+            record = benchmark_step(setup, args.steps, args.warmup, args.devices)
+        else:
+            config = config_with_overrides(args)
+            record = {
+                "config": args.config,
+                **benchmark_step(setup_from_config(config), args.steps, args.warmup, args.devices),
+            }
+            if not args.no_input:
+                record.update(input_fields(config, record["images_per_s"]))
+            if args.measure_data_wait:
+                record.update(measure_data_wait(config, args.data_wait_steps))
+    except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     print(json.dumps(record), flush=True)
 

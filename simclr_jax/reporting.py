@@ -40,13 +40,13 @@ class MetricsLog:
         total_steps: int,
         steps_per_epoch: int,
         global_batch_size: int,
-        stream: TextIO = sys.stdout,
+        stream: TextIO | None = None,
     ):
         self._enabled = jax.process_index() == 0
         self._total_steps = total_steps
         self._steps_per_epoch = steps_per_epoch
         self._views_per_step = 2 * global_batch_size
-        self._stream = stream
+        self._stream = stream or sys.stdout  # looked up now: redirect_stdout applies
         self._last: tuple[int, float] | None = None
         if self._enabled:
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115

@@ -115,8 +115,10 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(config, tmp_path, m
 
 def test_checkpoint_of_an_incompatible_config_is_refused(config, tmp_path):
     config.num_train_steps = 4
-    config.compute_baselines = False
-    trainer.train_and_evaluate(config, str(tmp_path))
+    config.evaluate_at_end = False  # train only: the results hold no accuracies
+    results = trainer.train_and_evaluate(config, str(tmp_path))
+    assert results["steps"] == 4 and results["images_per_s"] > 0
+    assert not any(key.endswith("_top1") for key in results)
     config.model.base_width = 8
     with pytest.raises(checkpointing.CheckpointError, match="base_width"):
         trainer.train_and_evaluate(config, str(tmp_path))

@@ -1,0 +1,109 @@
+"""The train-step benchmark's command line, on a tiny ResNet (compiling is most of the time)."""
+
+import json
+
+import pytest
+
+from simclr_jax import benchmark
+
+TINY = [
+    "--model=resnet18",
+    "--width=4",
+    "--image-size=16",
+    "--channels=1",
+    "--batch=8",
+    "--steps=2",
+    "--warmup=1",
+    "--devices=1",  # one device compiles far faster than the eight fake ones
+]
+
+
+def _record(capsys, argv: list[str]) -> dict:
+    """The one JSON line ``main(argv)`` prints."""
+    benchmark.main(argv)
+    (line,) = capsys.readouterr().out.splitlines()
+    return json.loads(line)
+
+
+def test_one_json_line_and_the_models_flops_whatever_conv_impl(capsys):
+    xla = _record(capsys, [*TINY, "--conv-impl=xla"])
+    matmul = _record(capsys, [*TINY, "--conv-impl=matmul_grads"])
+    for record in (xla, matmul):
+        assert record["images_per_s"] > 0 and record["median_step_s"] > 0
+        assert record["batch"] == 8 and record["base_width"] == 4 and record["channels"] == 1
+        assert record["stem"] == "cifar" and record["devices"] == 1
+        assert "input_pairs_per_s" not in record  # no recipe, no input pipeline
+    assert matmul["conv_impl_resolved"] == "matmul_grads"
+    assert xla["flops_per_step"] > 0
+    assert matmul["flops_per_step"] == xla["flops_per_step"]
+    assert matmul["utilisation"] == pytest.approx(
+        matmul["flops_per_step"] / matmul["median_step_s"] / matmul["matmul_peak_flops_per_s"],
+        rel=1e-2,  # the record rounds the median step time
+    )
+
+
+def test_flags_override_the_recipe_and_the_input_pipeline_is_timed(capsys, fashion_mnist_data_dir):
+    record = _record(
+        capsys,
+        [
+            "--config=configs/tiny.py",
+            f"--data-dir={fashion_mnist_data_dir}",
+            "--batch=16",
+            "--conv-impl=xla",
+            "--steps=1",
+            "--warmup=0",
+            "--devices=1",
+        ],
+    )
+    assert record["batch"] == 16  # tiny.py says 32
+    assert record["conv_impl"] == "xla"  # tiny.py says "auto"
+    # The rest is the recipe's: its model, optimiser and the dataset's image shape.
+    assert (record["base_width"], record["projection_dim"], record["optimizer"]) == (4, 16, "lars")
+    assert (record["image_size"], record["channels"], record["temperature"]) == (16, 1, 0.5)
+    assert record["input_pairs_per_s"] > 0
+    assert record["input_headroom"] == pytest.approx(
+        2 * record["input_pairs_per_s"] / record["images_per_s"], rel=1e-2
+    )
+
+
+def test_config_without_input_and_flag_errors(capsys, fashion_mnist_data_dir):
+    argv = ["--config=configs/tiny.py", f"--data-dir={fashion_mnist_data_dir}", "--no-input"]
+    with pytest.raises(SystemExit):
+        benchmark.main([*argv, "--channels=3"])
+    assert "--channels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main([*TINY, "--measure-data-wait"])
+    assert "--measure-data-wait needs --config" in capsys.readouterr().err
+    args = benchmark._parse_args([*argv, "--width=8", "--dtype=bfloat16", "--model=resnet34"])
+    config = benchmark.config_with_overrides(args)
+    assert (config.model.base_width, config.model.dtype, config.model.depth) == (
+        8,
+        "bfloat16",
+        34,
+    )
+    assert config.global_batch_size == 32 and config.data_dir == fashion_mnist_data_dir
+
+
+def test_data_wait_fraction_leaves_out_the_first_interval(monkeypatch, capsys):
+    """The short training run: evaluation off, its terminal output kept off stdout, and the
+    mean over the logged intervals after the first (which holds compilation)."""
+    from configs import tiny
+    from simclr_jax import trainer
+
+    seen = {}
+
+    def train(config, workdir):
+        seen.update(config.to_dict())
+        print("progress line")
+        lines = [{"step": s, "data_wait_fraction": f} for s, f in [(2, 0.9), (4, 0.1), (6, 0.3)]]
+        with open(f"{workdir}/metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", train)
+    result = benchmark.measure_data_wait(tiny.get_config(), steps=12)
+    assert result == {"data_wait_fraction": pytest.approx(0.2), "data_wait_steps": 12}
+    assert seen["num_train_steps"] == 12 and seen["log_every_steps"] == 2
+    assert not seen["evaluate_at_end"] and not seen["compute_baselines"]
+    assert seen["eval_every_steps"] == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "progress line" in captured.err
