@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 1e-6
     config.momentum = 0.9
     config.global_batch_size = 4096  # images per step over all devices (2 views each)
-    config.epochs = 100
+    config.epochs = 100.0  # may be fractional
     config.warmup_epochs = 10.0  # linear warm-up length, in epochs (may be fractional)
     config.num_train_steps = -1  # > 0 overrides the step count derived from `epochs`
 

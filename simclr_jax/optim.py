@@ -161,11 +161,12 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     return max(1, num_examples // global_batch_size)
 
 
-def total_steps(num_examples: int, epochs: int, global_batch_size: int) -> int:
-    """Length of a run, as the official code: ``num_examples * epochs // global_batch_size + 1``."""
+def total_steps(num_examples: int, epochs: float, global_batch_size: int) -> int:
+    """Length of a run, as the official code: ``num_examples * epochs // global_batch_size + 1``
+    (``epochs`` may be fractional)."""
     if num_examples <= 0 or epochs <= 0 or global_batch_size <= 0:
         raise ValueError(
             f"num_examples ({num_examples}), epochs ({epochs}) and global_batch_size "
             f"({global_batch_size}) must be positive."
         )
-    return num_examples * epochs // global_batch_size + 1
+    return int(num_examples * epochs // global_batch_size) + 1

@@ -260,6 +260,7 @@ def test_step_counts():
     assert optim.total_steps(1_281_167, 100, 4096) == 31279
     assert optim.total_steps(50_000, 1000, 512) == 97657
     assert optim.total_steps(100, 1, 512) == 1
+    assert optim.total_steps(60_000, 1.9, 256) == 446  # fractional epochs
     assert optim.steps_per_epoch(50_000, 512) == 97
     assert optim.steps_per_epoch(100, 512) == 1
     with pytest.raises(ValueError):
