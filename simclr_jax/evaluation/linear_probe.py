@@ -82,11 +82,13 @@ def top_k_accuracy(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def _feature_statistics(features: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-feature mean and standard deviation; constant features get a deviation of 1."""
+    """Per-feature mean and standard deviation; constant features get a deviation of 1 and, as
+    their mean, their first value, so that they centre to exactly zero (a float32 mean of a
+    large constant can be off by a rounding error, which scaled up would act as a feature)."""
     mean = jnp.mean(features, axis=0)
     std = jnp.std(features, axis=0)
     is_constant = std <= _RELATIVE_STD_FLOOR * jnp.maximum(jnp.abs(mean), 1.0)
-    return mean, jnp.where(is_constant, 1.0, std)
+    return jnp.where(is_constant, features[0], mean), jnp.where(is_constant, 1.0, std)
 
 
 def _reexpress(
