@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.knn_k = 200
     config.knn_temperature = 0.0  # > 0: votes weighted by exp(sim / T); 0 = majority vote
     config.linear_probe_holdout_fraction = 0.1  # part of the train split that picks the ℓ2
+    config.linear_probe_patience = 2  # stop the ℓ2 path after this many values without gain
     config.compute_baselines = True  # raw-pixel and random-encoder linear probes
     config.evaluate_at_end = True  # False: train only; results.json then holds no accuracies
 

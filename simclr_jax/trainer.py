@@ -349,6 +349,7 @@ def _linear_probe(
         test["label"],
         num_classes=plan.num_classes,
         holdout_fraction=plan.config.linear_probe_holdout_fraction,
+        patience=plan.config.linear_probe_patience,
         seed=plan.config.seed,
     )
     return float(result["top1"])

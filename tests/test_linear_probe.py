@@ -118,6 +118,21 @@ def test_linear_probe_on_clusters_reports_every_score():
     assert 0.6 < result["top1"] < result["top5"] <= 1.0
 
 
+def test_l2_path_stops_after_patience_values_without_improvement():
+    # Clusters this far apart: l2=10 underfits (36% held out), every smaller l2 separates them.
+    data = _probe_data(seed=5, spread=0.1)
+    l2_grid = (10.0, 1.0, 1e-1, 1e-2, 1e-3)
+    stopped = linear_probe_accuracy(*data, PROBE_CLASSES, l2_grid=l2_grid, patience=2)
+    whole = linear_probe_accuracy(*data, PROBE_CLASSES, l2_grid=l2_grid, patience=None)
+    assert list(whole["holdout_top1"]) == list(l2_grid)
+    assert whole["holdout_top1"][10.0] < 0.5
+    assert [whole["holdout_top1"][l2] for l2 in l2_grid[1:]] == [1.0] * 4
+    # 1.0 improves on 10; 0.1 and 0.01 do not: the path stops there.
+    assert list(stopped["holdout_top1"]) == [10.0, 1.0, 1e-1, 1e-2]
+    assert stopped["l2"] == whole["l2"] == 1.0  # ties go to the larger l2
+    assert stopped["top1"] == whole["top1"]
+
+
 def test_l2_choice_never_looks_at_the_test_split():
     train_features, train_labels, test_features, test_labels = _probe_data(seed=4, spread=4.0)
     kwargs = {"num_classes": PROBE_CLASSES, "l2_grid": (1.0, 1e-1, 1e-2, 1e-3)}
@@ -228,3 +243,5 @@ def test_invalid_arguments_error():
         fit_logistic_regression(features, labels, FIT_CLASSES - 1, 1e-2)
     with pytest.raises(ValueError, match="holdout_fraction"):
         linear_probe_accuracy(features, labels, features, labels, FIT_CLASSES, holdout_fraction=1)
+    with pytest.raises(ValueError, match="patience"):
+        linear_probe_accuracy(features, labels, features, labels, FIT_CLASSES, patience=0)

@@ -89,6 +89,7 @@ def linear(run: Run) -> dict[str, Any]:
         run.test["label"],
         num_classes=run.plan.num_classes,
         holdout_fraction=run.config.linear_probe_holdout_fraction,
+        patience=run.config.linear_probe_patience,
         seed=run.config.evaluation.seed,
     )
     settings = run.config.evaluation.linear_sgd
@@ -141,6 +142,7 @@ def label_budget(run: Run) -> dict[str, Any]:
             num_classes=run.plan.num_classes,
             # ℓ2 is chosen on labelled examples only: at least one of each class is held out.
             holdout_fraction=max(run.config.linear_probe_holdout_fraction, 1 / n),
+            patience=run.config.linear_probe_patience,
             seed=seed,
         )
         results[str(n)]["num_labels"] = len(indices)
