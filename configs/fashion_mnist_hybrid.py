@@ -7,10 +7,9 @@ rotation is one flag away: --config.augment.rotation_degrees=15.
 Run:   python -m simclr_jax.train --config=configs/fashion_mnist_hybrid.py \\
          --workdir=workdirs/fashion_mnist_hybrid
 Writes reconstructions.png (inputs above their reconstructions) in the workdir.
-Measured at a SHORT budget only (--config.num_train_steps=60 --config.model.base_width=8
---config.compute_baselines=False, seed 0, 2-core CPU): linear probe 76.3%, kNN 72.4%
-(plain fashion_mnist.py at base width 8: 77.4%, 75.2%).
-The figures at the full budget (that of fashion_mnist.py) are still to be measured.
+Expect (measured on a 2-core CPU with --config.compute_baselines=False, seed 0): linear probe
+84.9%, kNN 79.3%, online probe 76.1%, final MSE 0.044 (plain fashion_mnist.py: 84.9%, 78.9%,
+75.8%): no gain in the linear probe at this budget; the README has the λ sweep.
 """
 
 from configs import fashion_mnist

@@ -5,10 +5,9 @@ reparameterised sample is decoded, and β·KL(q ‖ N(0, I)) is added.
 Run:   python -m simclr_jax.train --config=configs/fashion_mnist_vae.py \\
          --workdir=workdirs/fashion_mnist_vae
 Writes reconstructions.png (inputs above their reconstructions of μ) in the workdir.
-Measured at a SHORT budget only (--config.num_train_steps=60 --config.model.base_width=8
---config.compute_baselines=False, seed 0, 2-core CPU): linear probe 77.5%, kNN 73.8%
-(plain fashion_mnist.py at base width 8: 77.4%, 75.2%).
-The figures at the full budget (that of fashion_mnist.py) are still to be measured.
+Expect (measured on a 2-core CPU with --config.compute_baselines=False, seed 0): linear probe
+84.7%, kNN 78.9%, online probe 74.9%, final MSE 0.054, KL 7.8 (plain fashion_mnist.py: 84.9%,
+78.9%, 75.8%).
 """
 
 from configs import fashion_mnist_hybrid
