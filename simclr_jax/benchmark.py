@@ -8,10 +8,10 @@ FLOP/s achieved; and utilisation against the float32 matmul FLOP/s that the same
 measures on the same devices.
 
 ``flops_per_step`` is the model's work, whichever ``conv_impl`` is timed: XLA's cost analysis of
-the same step compiled (not run) with ``conv_impl="xla"``. The ``matmul_grads`` formulation
-computes the same gradients with extra arithmetic (unit-stride kernel gradients run on a padded
-grid), which would otherwise count as useful work; ``achieved_flops_per_s`` and ``utilisation``
-divide the model's FLOPs by the timed step.
+the same step compiled (not run) with ``conv_impl="xla"``, so every formulation is measured
+against the same count; ``achieved_flops_per_s`` and ``utilisation`` divide it by the timed step.
+The record names the compiler options the step was compiled with
+(:func:`simclr_jax.compiler.compiler_options`).
 
 The model flags mean what they mean for the PyTorch reference step (``--model resnet18 --width 64
 --image-size 32 --channels 3 --batch 128``: CIFAR stem up to 32 px, a 2-layer projection head,
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from simclr_jax import cli, input_throughput, optim, parallel, step
+from simclr_jax import cli, compiler, input_throughput, optim, parallel, step
 from simclr_jax.models import SimCLR, conv, simclr_resnet
 
 
@@ -189,6 +189,7 @@ def benchmark_step(
         "devices": mesh.devices.size,
         **asdict(setup),
         "conv_impl_resolved": conv_impl,
+        "compiler_options": compiler.compiler_options(),
         "steps": steps,
         "median_step_s": round(median, 4),
         "min_step_s": round(min(times), 4),

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from simclr_jax import checkpointing, cli, parallel, step, trainer
+from simclr_jax import checkpointing, cli, compiler, parallel, step, trainer
 from simclr_jax.models import SimCLR
 
 _FORMAT = "simclr_jax.encoder"
@@ -66,7 +66,10 @@ class Encoder:
 
 @functools.cache
 def _jit_features(model: SimCLR, output: str):
-    return jax.jit(functools.partial(features, model, output=output))
+    return jax.jit(
+        functools.partial(features, model, output=output),
+        compiler_options=compiler.compiler_options(),
+    )
 
 
 def from_state(

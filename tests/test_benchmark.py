@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from simclr_jax import benchmark
+from simclr_jax import benchmark, compiler
 
 TINY = [
     "--model=resnet18",
@@ -27,17 +27,19 @@ def _record(capsys, argv: list[str]) -> dict:
 
 def test_one_json_line_and_the_models_flops_whatever_conv_impl(capsys):
     xla = _record(capsys, [*TINY, "--conv-impl=xla"])
-    matmul = _record(capsys, [*TINY, "--conv-impl=matmul_grads"])
-    for record in (xla, matmul):
+    subpixel = _record(capsys, [*TINY, "--conv-impl=subpixel_input_grads"])
+    for record in (xla, subpixel):
         assert record["images_per_s"] > 0 and record["median_step_s"] > 0
         assert record["batch"] == 8 and record["base_width"] == 4 and record["channels"] == 1
         assert record["stem"] == "cifar" and record["devices"] == 1
         assert "input_pairs_per_s" not in record  # no recipe, no input pipeline
-    assert matmul["conv_impl_resolved"] == "matmul_grads"
+    assert subpixel["conv_impl_resolved"] == "subpixel_input_grads"
     assert xla["flops_per_step"] > 0
-    assert matmul["flops_per_step"] == xla["flops_per_step"]
-    assert matmul["utilisation"] == pytest.approx(
-        matmul["flops_per_step"] / matmul["median_step_s"] / matmul["matmul_peak_flops_per_s"],
+    assert subpixel["flops_per_step"] == xla["flops_per_step"]
+    assert subpixel["compiler_options"] == compiler.compiler_options()
+    peak = subpixel["matmul_peak_flops_per_s"]
+    assert subpixel["utilisation"] == pytest.approx(
+        subpixel["flops_per_step"] / subpixel["median_step_s"] / peak,
         rel=1e-2,  # the record rounds the median step time
     )
 

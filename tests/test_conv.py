@@ -1,4 +1,4 @@
-"""Tests for simclr_jax.models.conv: matmul kernel gradients equal XLA's convolution gradients."""
+"""Tests for simclr_jax.models.conv: per-phase input gradients equal XLA's convolution gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -6,35 +6,36 @@ import numpy as np
 import pytest
 from jax import lax
 
+from simclr_jax import compiler
 from simclr_jax.models import ResNet, conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _numpy_kernel_gradient(x, dy, kernel_hw, stride, padding):
-    """dL/dW of a cross-correlation as a float64 sum over output positions."""
-    padded = np.pad(x.astype(np.float64), ((0, 0), padding[0], padding[1], (0, 0)))
+def _numpy_input_gradient(dy, kernel, input_shape, stride, padding):
+    """dL/dx of a cross-correlation in float64: each output's gradient scattered over its taps."""
+    n, height, width, _ = input_shape
+    (top, bottom), (left, right) = padding
+    grad = np.zeros((n, height + top + bottom, width + left + right, kernel.shape[2]))
     _, ho, wo, _ = dy.shape
-    grad = np.zeros((*kernel_hw, x.shape[-1], dy.shape[-1]))
-    for i in range(kernel_hw[0]):
-        for j in range(kernel_hw[1]):
-            window = padded[
+    for i in range(kernel.shape[0]):
+        for j in range(kernel.shape[1]):
+            contribution = np.einsum("nhwo,io->nhwi", dy, kernel[i, j].astype(np.float64))
+            grad[
                 :, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride
-            ]
-            grad[i, j] = np.einsum("nhwc,nhwd->cd", window, dy.astype(np.float64))
-    return grad
+            ] += contribution
+    return grad[:, top : top + height, left : left + width]
 
 
 CASES = [
     # (batch, height, width, in, out, kernel, stride, padding)
-    (2, 8, 8, 3, 5, 3, 1, ((1, 1), (1, 1))),
-    (2, 16, 16, 3, 4, 3, 1, ((1, 1), (1, 1))),  # large map: the unit-stride method
-    (2, 9, 9, 3, 5, 3, 2, ((1, 1), (1, 1))),
-    (3, 7, 6, 4, 6, 1, 2, ((0, 0), (0, 0))),
-    (2, 8, 8, 4, 4, 1, 1, ((0, 0), (0, 0))),
-    (2, 10, 10, 1, 4, 7, 2, ((3, 3), (3, 3))),
-    (1, 6, 7, 2, 3, 3, 1, ((0, 1), (1, 0))),
-    (2, 5, 5, 3, 2, 2, 1, ((0, 1), (0, 1))),
+    (2, 9, 9, 3, 5, 3, 2, ((1, 1), (1, 1))),  # ResNet's 3x3/2, odd size
+    (2, 8, 8, 3, 5, 3, 2, ((1, 1), (1, 1))),  # even size
+    (3, 7, 6, 4, 6, 1, 2, ((0, 0), (0, 0))),  # projection shortcut 1x1/2: three phases get zeros
+    (2, 10, 10, 1, 4, 7, 2, ((3, 3), (3, 3))),  # ImageNet stem 7x7/2
+    (2, 10, 11, 2, 3, 3, 3, ((1, 1), (1, 1))),  # stride 3: a phase's window starts past its row
+    (1, 8, 8, 2, 3, 3, 2, ((0, 1), (2, 0))),  # asymmetric padding
+    (2, 12, 12, 2, 2, 4, 2, ((1, 2), (1, 2))),  # even kernel
 ]
 
 
@@ -53,11 +54,11 @@ def test_values_and_gradients_equal_xla(n, h, w, cin, cout, k, stride, padding):
     (_, y_ref), (dx_ref, dw_ref) = loss(lax.conv_general_dilated)
     (_, y), (dx, dw) = loss(conv.conv_general_dilated)
     np.testing.assert_array_equal(y, y_ref)
-    np.testing.assert_array_equal(dx, dx_ref)
-    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
-    dy = np.cos(np.asarray(y_ref))
-    expected = _numpy_kernel_gradient(np.asarray(x), dy, (k, k), stride, padding)
-    np.testing.assert_allclose(dw, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(dw, dw_ref)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    dy = np.cos(np.asarray(y_ref, np.float64))
+    expected = _numpy_input_gradient(dy, np.asarray(kernel), x.shape, stride, padding)
+    np.testing.assert_allclose(dx, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -84,17 +85,25 @@ def test_other_convolutions_are_xla_unchanged(kwargs):
     assert str(jaxpr(conv.conv_general_dilated)) == str(jaxpr(lax.conv_general_dilated))
 
 
-def test_matmul_gradients_are_used_where_they_apply():
+def test_phase_gradients_are_used_for_strided_convolutions_only():
     x = jnp.ones((1, 4, 4, 2))
     kernel = jnp.ones((3, 3, 2, 2))
-    jaxpr = jax.make_jaxpr(
-        lambda k: conv.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
-    )(kernel)
-    assert "custom_vjp" in str(jaxpr)
+
+    def jaxpr(stride):
+        return str(
+            jax.make_jaxpr(
+                lambda k: conv.conv_general_dilated(
+                    x, k, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=NHWC
+                )
+            )(kernel)
+        )
+
+    assert "custom_vjp" in jaxpr(2)
+    assert "custom_vjp" not in jaxpr(1)  # stride 1: XLA's convolution and gradients as they are
 
 
-def test_auto_picks_matmul_gradients_on_cpu_only():
-    assert conv.resolve_conv_impl("auto", "cpu") == "matmul_grads"
+def test_auto_picks_phase_gradients_on_cpu_only():
+    assert conv.resolve_conv_impl("auto", "cpu") == "subpixel_input_grads"
     assert conv.resolve_conv_impl("auto", "gpu") == "xla"
     assert conv.resolve_conv_impl("auto", "tpu") == "xla"
     assert conv.resolve_conv_impl("xla", "cpu") == "xla"
@@ -104,11 +113,12 @@ def test_auto_picks_matmul_gradients_on_cpu_only():
         ResNet(depth=18, conv_impl="fast")
 
 
-def test_resnet_gradients_match_between_implementations():
-    x = jax.random.uniform(jax.random.key(0), (4, 12, 12, 3))
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_resnet_gradients_match_between_implementations(stem):
+    x = jax.random.uniform(jax.random.key(0), (4, 24, 24, 3))
     models = {
-        impl: ResNet(depth=18, base_width=4, stem="cifar", conv_impl=impl)
-        for impl in ("xla", "matmul_grads")
+        impl: ResNet(depth=18, base_width=4, stem=stem, conv_impl=impl)
+        for impl in ("xla", "subpixel_input_grads")
     }
     variables = models["xla"].init(jax.random.key(1), x, train=False)
 
@@ -121,7 +131,25 @@ def test_resnet_gradients_match_between_implementations():
 
         return jax.jit(jax.grad(loss))(variables["params"])
 
-    reference, ours = gradients(models["xla"]), gradients(models["matmul_grads"])
+    reference, ours = gradients(models["xla"]), gradients(models["subpixel_input_grads"])
     assert jax.tree.structure(reference) == jax.tree.structure(ours)
     for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_compiler_options_keep_convolutions_out_of_ynnpack(monkeypatch):
+    x = jnp.ones((8, 6, 6, 4))
+    kernel = jnp.ones((3, 3, 4, 4))
+
+    def kernel_gradient(x, kernel):
+        return jax.grad(
+            lambda k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC).sum()
+        )(kernel)
+
+    options = compiler.compiler_options("cpu")
+    assert options is not None  # this XLA knows the option
+    hlo = jax.jit(kernel_gradient, compiler_options=options).lower(x, kernel).compile().as_text()
+    assert "convolution(" in hlo and "__ynn_fusion" not in hlo
+    assert compiler.compiler_options("gpu") is None and compiler.compiler_options("tpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+    assert compiler.compiler_options("cpu") is None  # the user's own choice is left alone

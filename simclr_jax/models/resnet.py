@@ -81,7 +81,7 @@ def _conv(
 ) -> nn.Conv:
     """A bias-free square convolution with the official symmetric (k-1)/2 padding.
 
-    ``conv_impl`` is ``"xla"`` or ``"matmul_grads"`` (see :mod:`simclr_jax.models.conv`).
+    ``conv_impl`` is ``"xla"`` or ``"subpixel_input_grads"`` (see :mod:`simclr_jax.models.conv`).
     """
     pad_before = (kernel_size - 1) // 2
     padding = (pad_before, kernel_size - 1 - pad_before)
@@ -94,7 +94,7 @@ def _conv(
         kernel_init=_CONV_INIT,
         dtype=dtype,
         conv_general_dilated=(
-            conv_lib.conv_general_dilated if conv_impl == "matmul_grads" else None
+            conv_lib.conv_general_dilated if conv_impl == "subpixel_input_grads" else None
         ),
         name=name,
     )
@@ -169,9 +169,10 @@ class ResNet(nn.Module):
       bn_epsilon: BN variance epsilon.
       dtype: computation dtype of convolutions and BN (e.g. jnp.bfloat16); parameters and BN
         statistics stay float32, and h is returned in float32.
-      conv_impl: how convolutions are computed: "xla", "matmul_grads" (kernel gradients as
-        matrix products, much faster on XLA:CPU) or "auto" (matmul_grads on the CPU backend,
-        xla elsewhere); same parameters and, within float32 rounding, the same numbers.
+      conv_impl: how convolutions are computed: "xla", "subpixel_input_grads" (input gradients
+        of strided convolutions per output phase, several times faster on XLA:CPU) or "auto"
+        (subpixel_input_grads on the CPU backend, xla elsewhere); same parameters and, within
+        float32 rounding, the same numbers.
 
     Parameters live under `stem_conv`, `stem_bn` and `group{g}_block{b}` (1-based); inside a
     block: `conv1`, `bn1`, ... and `shortcut_conv`, `shortcut_bn`. Every BN scale/bias is 1-D
