@@ -21,7 +21,10 @@ from a recipe, and model flags given explicitly override the recipe's values. A 
 adds the input pipeline's throughput (``input_pairs_per_s``, and ``input_headroom``: augmented
 views the pipeline makes per second over the images the step consumes per second; below about
 1 training is input-bound) and, with ``--measure-data-wait``, ``data_wait_fraction`` from a short
-real training run (``trainer.train_and_evaluate``, logged to ``metrics.jsonl``).
+real training run (``trainer.train_and_evaluate``, logged to ``metrics.jsonl``). With
+``--conv-layers`` it also times every distinct convolution of the model on one device's share of
+the batch (forward, input gradient, kernel gradient: ``conv_layers`` and ``conv_totals_ms``), to
+show where the step's convolution time goes (:mod:`simclr_jax.conv_layers`).
 """
 
 import argparse
@@ -41,7 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from simclr_jax import cli, compiler, input_throughput, optim, parallel, step
+from simclr_jax import cli, compiler, conv_layers, input_throughput, optim, parallel, step
 from simclr_jax.models import SimCLR, conv, simclr_resnet
 
 
@@ -201,6 +204,21 @@ def benchmark_step(
     }
 
 
+def conv_layer_fields(setup: StepSetup, devices: int) -> dict[str, Any]:
+    """Each distinct convolution of ``setup``'s model at one device's share of the batch, timed
+    forward, input gradient and kernel gradient (:mod:`simclr_jax.conv_layers`)."""
+    model = _model(setup, "xla")  # the same convolutions, as plain primitives in the jaxpr
+    views = jax.ShapeDtypeStruct(
+        (2 * setup.batch // devices, setup.image_size, setup.image_size, setup.channels),
+        jnp.float32,
+    )
+    variables = jax.eval_shape(
+        lambda images: model.init(jax.random.key(0), images, train=False), views
+    )
+    convolutions = conv_layers.model_convolutions(model.apply, variables, views)
+    return conv_layers.time_convolutions(convolutions, setup.conv_impl, jnp.dtype(setup.dtype))
+
+
 def input_fields(config: ml_collections.ConfigDict, step_images_per_s: float) -> dict[str, float]:
     """``input_pairs_per_s`` of ``config``'s pretraining pipeline (this process, model-free) and
     ``input_headroom``: the views it makes per second over those the step consumes per process."""
@@ -299,6 +317,12 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps [10]")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling [2]")
     parser.add_argument("--devices", type=int, help="time the step on the first N devices [all]")
+    parser.add_argument(
+        "--conv-layers",
+        action="store_true",
+        help="also time each distinct convolution of the model: forward, input and kernel "
+        "gradient (conv_layers, conv_totals_ms)",
+    )
     recipe = parser.add_argument_group("with --config")
     recipe.add_argument("--data-dir", help="TFDS data directory (the recipe's data_dir)")
     recipe.add_argument(
@@ -372,14 +396,17 @@ def main(argv: list[str] | None = None) -> None:
             record = benchmark_step(setup, args.steps, args.warmup, args.devices)
         else:
             config = config_with_overrides(args)
+            setup = setup_from_config(config)
             record = {
                 "config": args.config,
-                **benchmark_step(setup_from_config(config), args.steps, args.warmup, args.devices),
+                **benchmark_step(setup, args.steps, args.warmup, args.devices),
             }
             if not args.no_input:
                 record.update(input_fields(config, record["images_per_s"]))
             if args.measure_data_wait:
                 record.update(measure_data_wait(config, args.data_wait_steps))
+        if args.conv_layers:
+            record.update(conv_layer_fields(setup, record["devices"]))
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     print(json.dumps(record), flush=True)

@@ -1,0 +1,44 @@
+"""simclr_jax.conv_layers: the model's convolutions read from its jaxpr, and their timings."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from simclr_jax import conv_layers
+from simclr_jax.models import ResNet
+
+
+def _convolutions(model: ResNet, image_shape: tuple[int, ...]):
+    images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    return conv_layers.model_convolutions(model.apply, variables, images)
+
+
+@pytest.mark.parametrize(
+    ("depth", "stem", "expected_count", "stem_kernel"),
+    [(18, "cifar", 21, (3, 3, 1, 4)), (50, "imagenet", 53, (7, 7, 1, 4))],
+)
+def test_every_convolution_is_found_once_per_use(depth, stem, expected_count, stem_kernel):
+    model = ResNet(depth=depth, base_width=4, stem=stem, conv_impl="xla")
+    convolutions = _convolutions(model, (2, 32, 32, 1))
+    # 1 stem + 8 blocks x 2 (or 16 x 3) + one projection shortcut per group.
+    assert sum(convolutions.values()) == expected_count
+    (stem_conv,) = [c for c in convolutions if c.reads_model_input]
+    assert stem_conv.kernel_shape == stem_kernel and stem_conv.input_shape == (2, 32, 32, 1)
+    strided = [c for c in convolutions if c.strides == (2, 2)]
+    assert len(strided) == (6 if stem == "cifar" else 7)  # 3 groups x (3x3 + 1x1) [+ stem]
+
+
+def test_timings_cover_each_part_and_sum_to_the_totals():
+    model = ResNet(depth=18, base_width=2, stem="cifar", conv_impl="xla")
+    convolutions = _convolutions(model, (4, 8, 8, 1))
+    result = conv_layers.time_convolutions(convolutions, "auto", repeats=1)
+    layers = result["conv_layers"]
+    assert len(layers) == len(convolutions)
+    for layer in layers:
+        assert layer["forward_ms"] > 0 and layer["kernel_grad_ms"] > 0
+        reads_images = layer["input"] == [4, 8, 8, 1]
+        assert (layer["input_grad_ms"] is None) == reads_images
+    for part, total in result["conv_totals_ms"].items():
+        summed = sum(layer["count"] * (layer[part] or 0.0) for layer in layers)
+        assert total == pytest.approx(summed, abs=0.05 * len(layers))
