@@ -48,7 +48,7 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding
 
 
 def _phase_taps(kernel_size: int, stride: int, pad_low: int, phase: int) -> list[int]:
-    """Kernel indices that reach the input positions ``stride * m + phase``, nearest output last.
+    """Kernel indices that reach input positions ``stride * m + phase``, in window order.
 
     Input position ``h`` is read by output ``o`` through kernel index ``h + pad_low - stride * o``;
     for ``h = stride * m + phase`` and ``o = m - t`` that index is ``stride * t + phase + pad_low``.
@@ -63,10 +63,11 @@ def _phase_taps(kernel_size: int, stride: int, pad_low: int, phase: int) -> list
 def _phase_padding(taps: list[int], stride: int, pad_low: int, phase: int, rows: int, out: int):
     """Padding of the output gradient for one phase's stride-1 convolution with ``taps``.
 
-    The window of phase row ``m`` starts at output ``m - t_max``; it yields ``rows`` rows.
+    The window of phase row ``m`` starts at output ``m - t_high`` (``taps[0]`` is the tap of
+    ``t_high``) and spans ``len(taps)`` outputs; ``rows`` rows are produced from ``out`` outputs.
     """
-    t_max = (taps[0] - phase - pad_low) // stride
-    return (t_max, rows + len(taps) - 1 - t_max - out)
+    t_high = (taps[0] - phase - pad_low) // stride
+    return (t_high, rows + len(taps) - 1 - t_high - out)
 
 
 def _input_gradient_by_phase(dy, kernel, input_hw, strides, padding):
