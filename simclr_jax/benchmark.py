@@ -34,8 +34,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,7 +42,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from simclr_jax import cli, compiler, conv_layers, input_throughput, optim, parallel, step
+from simclr_jax import (
+    cli,
+    compiler,
+    conv_layers,
+    input_throughput,
+    optim,
+    parallel,
+    step,
+    timing,
+)
 from simclr_jax.models import SimCLR, conv, simclr_resnet
 
 
@@ -96,16 +103,6 @@ def setup_from_config(config: ml_collections.ConfigDict) -> StepSetup:
     )
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> list[float]:
-    """Wall times of ``repeats`` calls of ``fn``, each waited for to completion."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def matmul_peak_flops(mesh: jax.sharding.Mesh, size: int | None = None, repeats: int = 5) -> float:
     """Float32 FLOP/s of one large matmul per device, run on every device of ``mesh`` at once."""
     size = size or (1024 if jax.default_backend() == "cpu" else 8192)
@@ -114,7 +111,7 @@ def matmul_peak_flops(mesh: jax.sharding.Mesh, size: int | None = None, repeats:
     a = jax.device_put(jnp.ones((devices, size, size), jnp.float32), sharding)
     matmul = jax.jit(lambda a: jnp.einsum("bij,bjk->bik", a, a), out_shardings=sharding)
     matmul(a).block_until_ready()
-    return 2 * devices * size**3 / min(_timed(lambda: matmul(a), repeats))
+    return 2 * devices * size**3 / min(timing.wall_times(lambda: matmul(a), repeats))
 
 
 def _model(setup: StepSetup, conv_impl: str) -> SimCLR:
@@ -181,8 +178,8 @@ def benchmark_step(
         state, metrics = compiled(state, batch, key)
         return metrics
 
-    _timed(run_one, warmup)
-    times = _timed(run_one, steps)
+    timing.wall_times(run_one, warmup)
+    times = timing.wall_times(run_one, steps)
     median = statistics.median(times)
     peak = matmul_peak_flops(mesh)
     return {

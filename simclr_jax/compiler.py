@@ -3,7 +3,7 @@
 XLA:CPU hands convolutions, matrix products and reductions to the YNNPACK library by default.
 For a ResNet's convolutions at 16-512 channels, XLA's own (Eigen) kernels are the faster of the
 two on the CPUs measured, kernel gradients most of all: summed over the Fashion-MNIST recipe's
-convolutions (forward, input and kernel gradients), 0.86 s instead of 1.42 s on a 2-core x86 CPU
+convolutions (forward, input and kernel gradients), 1.02 s instead of 1.40 s on a 2-core x86 CPU
 (README, Performance). YNNPACK keeps the matrix products and reductions. Pass
 :func:`compiler_options` to ``jax.jit(..., compiler_options=...)``; it changes nothing on GPUs and
 TPUs.

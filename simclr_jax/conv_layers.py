@@ -11,15 +11,13 @@ training, so it is not timed. ``python -m simclr_jax.benchmark --conv-layers`` p
 
 import collections
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from simclr_jax import compiler
+from simclr_jax import compiler, timing
 from simclr_jax.models import conv
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -70,24 +68,16 @@ def model_convolutions(
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    """Median milliseconds of ``repeats`` calls of ``fn`` after one call that compiles it."""
+    timing.wall_times(fn, 1)
+    return 1e3 * statistics.median(timing.wall_times(fn, repeats))
 
 
 def time_convolution(
     convolution: Convolution, conv_impl: str, dtype: Any = jnp.float32, repeats: int = 5
 ) -> dict[str, float | None]:
     """Median milliseconds of the forward pass, input gradient and kernel gradient."""
-    conv_fn = (
-        conv.conv_general_dilated
-        if conv.resolve_conv_impl(conv_impl) == "subpixel_input_grads"
-        else lax.conv_general_dilated
-    )
+    conv_fn = conv.conv_function(conv_impl)
 
     def forward(x, kernel):
         return conv_fn(x, kernel, convolution.strides, convolution.padding, dimension_numbers=_NHWC)

@@ -93,9 +93,7 @@ def _conv(
         use_bias=False,
         kernel_init=_CONV_INIT,
         dtype=dtype,
-        conv_general_dilated=(
-            conv_lib.conv_general_dilated if conv_impl == "subpixel_input_grads" else None
-        ),
+        conv_general_dilated=conv_lib.conv_function(conv_impl),
         name=name,
     )
 
