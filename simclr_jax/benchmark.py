@@ -151,8 +151,9 @@ def benchmark_step(
     image_shape = (setup.image_size, setup.image_size, setup.channels)
     # Any initial values do: RngBitGenerator keys compile far faster than threefry on a CPU.
     init_key = jax.random.key(0, impl="rbg")
+    conv_impl = conv.resolve_conv_impl(setup.conv_impl, device_count=mesh.size)
     state = jax.device_put(
-        step.create_train_state(_model(setup, setup.conv_impl), tx, init_key, image_shape),
+        step.create_train_state(_model(setup, conv_impl), tx, init_key, image_shape),
         parallel.replicated(mesh),
     )
     rng = np.random.default_rng(0)
@@ -166,7 +167,6 @@ def benchmark_step(
         mesh, temperature=setup.temperature, learning_rate_fn=lambda _: learning_rate
     )
     compiled = train_step.lower(state, batch, key).compile()
-    conv_impl = conv.resolve_conv_impl(setup.conv_impl)
     if conv_impl == "xla":
         flops = _flops(compiled)
     else:  # the same parameters, computed by XLA's own convolutions: compiled, never run
@@ -213,7 +213,8 @@ def conv_layer_fields(setup: StepSetup, devices: int) -> dict[str, Any]:
         lambda images: model.init(jax.random.key(0), images, train=False), views
     )
     convolutions = conv_layers.model_convolutions(model.apply, variables, views)
-    return conv_layers.time_convolutions(convolutions, setup.conv_impl, jnp.dtype(setup.dtype))
+    conv_impl = conv.resolve_conv_impl(setup.conv_impl, device_count=devices)
+    return conv_layers.time_convolutions(convolutions, conv_impl, jnp.dtype(setup.dtype))
 
 
 def input_fields(config: ml_collections.ConfigDict, step_images_per_s: float) -> dict[str, float]:

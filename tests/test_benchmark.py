@@ -28,14 +28,16 @@ def _record(capsys, argv: list[str]) -> dict:
 def test_one_json_line_and_the_models_flops_whatever_conv_impl(capsys):
     xla = _record(capsys, [*TINY, "--conv-impl=xla"])
     subpixel = _record(capsys, [*TINY, "--conv-impl=subpixel_input_grads"])
-    for record in (xla, subpixel):
+    auto = _record(capsys, TINY)
+    for record in (xla, subpixel, auto):
         assert record["images_per_s"] > 0 and record["median_step_s"] > 0
         assert record["batch"] == 8 and record["base_width"] == 4 and record["channels"] == 1
         assert record["stem"] == "cifar" and record["devices"] == 1
         assert "input_pairs_per_s" not in record  # no recipe, no input pipeline
     assert subpixel["conv_impl_resolved"] == "subpixel_input_grads"
     assert xla["flops_per_step"] > 0
-    assert subpixel["flops_per_step"] == xla["flops_per_step"]
+    assert auto["conv_impl_resolved"] == "onednn"  # one CPU device (--devices=1)
+    assert subpixel["flops_per_step"] == auto["flops_per_step"] == xla["flops_per_step"]
     assert subpixel["compiler_options"] == compiler.compiler_options()
     peak = subpixel["matmul_peak_flops_per_s"]
     assert subpixel["utilisation"] == pytest.approx(

@@ -4,12 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conv_cases import NHWC, STRIDED_CASES
 from jax import lax
 
 from simclr_jax import compiler
 from simclr_jax.models import ResNet, conv
-
-NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _numpy_input_gradient(dy, kernel, input_shape, stride, padding):
@@ -27,19 +26,7 @@ def _numpy_input_gradient(dy, kernel, input_shape, stride, padding):
     return grad[:, top : top + height, left : left + width]
 
 
-CASES = [
-    # (batch, height, width, in, out, kernel, stride, padding)
-    (2, 9, 9, 3, 5, 3, 2, ((1, 1), (1, 1))),  # ResNet's 3x3/2, odd size
-    (2, 8, 8, 3, 5, 3, 2, ((1, 1), (1, 1))),  # even size
-    (3, 7, 6, 4, 6, 1, 2, ((0, 0), (0, 0))),  # projection shortcut 1x1/2: three phases get zeros
-    (2, 10, 10, 1, 4, 7, 2, ((3, 3), (3, 3))),  # ImageNet stem 7x7/2
-    (2, 10, 11, 2, 3, 3, 3, ((1, 1), (1, 1))),  # stride 3: a phase's window starts past its row
-    (1, 8, 8, 2, 3, 3, 2, ((0, 1), (2, 0))),  # asymmetric padding
-    (2, 12, 12, 2, 2, 4, 2, ((1, 2), (1, 2))),  # even kernel
-]
-
-
-@pytest.mark.parametrize(("n", "h", "w", "cin", "cout", "k", "stride", "padding"), CASES)
+@pytest.mark.parametrize(("n", "h", "w", "cin", "cout", "k", "stride", "padding"), STRIDED_CASES)
 def test_values_and_gradients_equal_xla(n, h, w, cin, cout, k, stride, padding):
     x = jax.random.normal(jax.random.key(0), (n, h, w, cin))
     kernel = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
@@ -102,8 +89,10 @@ def test_phase_gradients_are_used_for_strided_convolutions_only():
     assert "custom_vjp" not in jaxpr(1)  # stride 1: XLA's convolution and gradients as they are
 
 
-def test_auto_picks_phase_gradients_on_cpu_only():
-    assert conv.resolve_conv_impl("auto", "cpu") == "subpixel_input_grads"
+def test_auto_picks_onednn_for_one_cpu_device_and_phase_gradients_for_several():
+    assert conv.resolve_conv_impl("auto", "cpu", device_count=1) == "onednn"
+    assert conv.resolve_conv_impl("auto", "cpu", device_count=8) == "subpixel_input_grads"
+    assert conv.resolve_conv_impl("auto") == "subpixel_input_grads"  # the tests' 8 CPU devices
     assert conv.resolve_conv_impl("auto", "gpu") == "xla"
     assert conv.resolve_conv_impl("auto", "tpu") == "xla"
     assert conv.resolve_conv_impl("xla", "cpu") == "xla"
@@ -118,7 +107,7 @@ def test_resnet_gradients_match_between_implementations(stem):
     x = jax.random.uniform(jax.random.key(0), (4, 24, 24, 3))
     models = {
         impl: ResNet(depth=18, base_width=4, stem=stem, conv_impl=impl)
-        for impl in ("xla", "subpixel_input_grads")
+        for impl in ("xla", "subpixel_input_grads", "onednn")
     }
     variables = models["xla"].init(jax.random.key(1), x, train=False)
 
@@ -131,10 +120,12 @@ def test_resnet_gradients_match_between_implementations(stem):
 
         return jax.jit(jax.grad(loss))(variables["params"])
 
-    reference, ours = gradients(models["xla"]), gradients(models["subpixel_input_grads"])
-    assert jax.tree.structure(reference) == jax.tree.structure(ours)
-    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    reference = gradients(models["xla"])
+    for impl in ("subpixel_input_grads", "onednn"):
+        ours = gradients(models[impl])
+        assert jax.tree.structure(reference) == jax.tree.structure(ours)
+        for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=impl)
 
 
 def test_cpu_compiler_options_keep_convolutions_out_of_ynnpack(monkeypatch):

@@ -14,11 +14,14 @@ every stride-1 convolution are XLA's own.
 
 It covers the convolutions a ResNet uses (NHWC inputs, HWIO kernels, explicit padding, window
 strides, no dilation, one feature group) and hands anything else to ``lax.conv_general_dilated``
-unchanged. :func:`resolve_conv_impl` picks it on the CPU backend only: on GPUs and TPUs XLA's
-convolution gradients are already fast, and those paths stay exactly XLA's.
+unchanged. :func:`resolve_conv_impl` picks it on the CPU backend only, where oneDNN's
+convolutions (:mod:`.onednn_conv`) are not available or not applicable (bfloat16, multi-device
+meshes): on GPUs and TPUs XLA's convolution gradients are already fast, and those paths stay
+exactly XLA's.
 """
 
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,33 +29,71 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONV_IMPLS = ("auto", "xla", "subpixel_input_grads")
-_NHWC = lax.ConvDimensionNumbers(
-    lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
-)
+from simclr_jax import native
+
+CONV_IMPLS = ("auto", "xla", "subpixel_input_grads", "onednn")
+NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
+_log = logging.getLogger(__name__)
 
-def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
-    """ "auto" -> "subpixel_input_grads" on the CPU backend, "xla" elsewhere; others unchanged."""
+
+def resolve_conv_impl(
+    conv_impl: str, backend: str | None = None, device_count: int | None = None
+) -> str:
+    """The formulation ``conv_impl`` stands for on ``backend`` with ``device_count`` devices.
+
+    "auto" is "onednn" for single-device CPU programs when the oneDNN extension builds here,
+    "subpixel_input_grads" for other CPU programs, and "xla" on GPUs and TPUs. Defaults: JAX's
+    default backend and device count.
+
+    Raises:
+      ValueError: an unknown ``conv_impl``, or "onednn" off the CPU backend or where its
+        extension cannot be built (the message says why).
+    """
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"Unknown conv_impl {conv_impl!r}; valid values: {list(CONV_IMPLS)}.")
+    backend = backend or jax.default_backend()
+    if conv_impl == "onednn":
+        if backend != "cpu":
+            raise ValueError(f"conv_impl='onednn' runs on the CPU backend only, not {backend!r}.")
+        unavailable = native.onednn_conv_unavailable_reason()
+        if unavailable:
+            raise ValueError(f"conv_impl='onednn' is unavailable: {unavailable}")
     if conv_impl != "auto":
         return conv_impl
-    return "subpixel_input_grads" if (backend or jax.default_backend()) == "cpu" else "xla"
+    if backend != "cpu":
+        return "xla"
+    if (device_count or jax.device_count()) > 1:
+        return "subpixel_input_grads"
+    unavailable = native.onednn_conv_unavailable_reason()
+    if unavailable:
+        _warn_once(unavailable)
+        return "subpixel_input_grads"
+    return "onednn"
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    _log.warning("oneDNN convolutions are unavailable, XLA's are used instead: %s", reason)
 
 
 def conv_function(conv_impl: str):
     """The ``conv_general_dilated`` that ``conv_impl`` (resolved for this backend) computes with:
-    this module's for "subpixel_input_grads", ``lax.conv_general_dilated`` for "xla"."""
-    if resolve_conv_impl(conv_impl) == "subpixel_input_grads":
-        return conv_general_dilated
-    return lax.conv_general_dilated
+    this module's for "subpixel_input_grads", :mod:`.onednn_conv`'s for "onednn" and
+    ``lax.conv_general_dilated`` for "xla"."""
+    from simclr_jax.models import onednn_conv  # it builds on this module
+
+    return {
+        "subpixel_input_grads": conv_general_dilated,
+        "onednn": onednn_conv.conv_general_dilated,
+        "xla": lax.conv_general_dilated,
+    }[resolve_conv_impl(conv_impl)]
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding):
-    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
 
 
 def _phase_taps(kernel_size: int, stride: int, pad_low: int, phase: int) -> list[int]:
@@ -125,58 +166,40 @@ def _backward(strides, padding, residuals, dy):
 _conv_subpixel_input_grads.defvjp(_forward, _backward)
 
 
-def _explicit_padding(padding: Any) -> Padding | None:
-    """``padding`` as two ``(low, high)`` int pairs, or None when it is a string or not 2-D."""
-    if isinstance(padding, str) or len(padding) != 2:
+def plain_conv_padding(
+    lhs: jax.Array, rhs: jax.Array, padding: Any, **options: Any
+) -> Padding | None:
+    """``padding`` as ``(low, high)`` int pairs if the call is a plain 2-D convolution, else None.
+
+    Plain: NHWC inputs, HWIO kernels, explicit padding, no dilation, one feature and batch group,
+    default precision and result type, which is what this module's formulations cover.
+    ``options`` are ``lax.conv_general_dilated``'s keyword arguments.
+    """
+    if lhs.ndim != 4 or isinstance(padding, str) or len(padding) != 2:
         return None
-    return tuple((int(low), int(high)) for low, high in padding)  # type: ignore[return-value]
+    plain = (
+        all(d == 1 for d in (options.get("lhs_dilation") or (1, 1)))
+        and all(d == 1 for d in (options.get("rhs_dilation") or (1, 1)))
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, options.get("dimension_numbers"))
+        == NHWC
+        and options.get("feature_group_count", 1) == 1
+        and options.get("batch_group_count", 1) == 1
+        and options.get("precision") is None
+        and options.get("preferred_element_type") is None
+    )
+    return tuple((int(low), int(high)) for low, high in padding) if plain else None  # type: ignore[return-value]
 
 
 def conv_general_dilated(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides: Sequence[int],
-    padding: Any,
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: Any = None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision: Any = None,
-    preferred_element_type: Any = None,
+    lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any, **options: Any
 ) -> jax.Array:
-    """``lax.conv_general_dilated`` with a per-phase input gradient where it applies.
+    """``lax.conv_general_dilated`` (same arguments) with a per-phase input gradient.
 
-    Applies to strided NHWC/HWIO 2-D convolutions with explicit padding, no dilation, one
-    feature and batch group, default precision; every other call goes to
-    ``lax.conv_general_dilated``.
+    Applies to strided plain convolutions (:func:`plain_conv_padding`); every other call goes to
+    ``lax.conv_general_dilated`` unchanged.
     """
-    explicit_padding = _explicit_padding(padding)
+    explicit_padding = plain_conv_padding(lhs, rhs, padding, **options)
     strides = tuple(int(s) for s in window_strides)
-    applies = (
-        lhs.ndim == 4
-        and explicit_padding is not None
-        and any(s > 1 for s in strides)
-        and all(d == 1 for d in (lhs_dilation or (1, 1)))
-        and all(d == 1 for d in (rhs_dilation or (1, 1)))
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
-        and feature_group_count == 1
-        and batch_group_count == 1
-        and precision is None
-        and preferred_element_type is None
-    )
-    if not applies:
-        return lax.conv_general_dilated(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation,
-            dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count,
-            batch_group_count=batch_group_count,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-        )
+    if explicit_padding is None or all(s == 1 for s in strides):
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
     return _conv_subpixel_input_grads(lhs, rhs, strides, explicit_padding)

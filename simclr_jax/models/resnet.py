@@ -81,7 +81,8 @@ def _conv(
 ) -> nn.Conv:
     """A bias-free square convolution with the official symmetric (k-1)/2 padding.
 
-    ``conv_impl`` is ``"xla"`` or ``"subpixel_input_grads"`` (see :mod:`simclr_jax.models.conv`).
+    ``conv_impl`` is a resolved one: ``"xla"``, ``"subpixel_input_grads"`` or ``"onednn"`` (see
+    :func:`simclr_jax.models.conv.resolve_conv_impl`).
     """
     pad_before = (kernel_size - 1) // 2
     padding = (pad_before, kernel_size - 1 - pad_before)
@@ -168,9 +169,11 @@ class ResNet(nn.Module):
       dtype: computation dtype of convolutions and BN (e.g. jnp.bfloat16); parameters and BN
         statistics stay float32, and h is returned in float32.
       conv_impl: how convolutions are computed: "xla", "subpixel_input_grads" (input gradients
-        of strided convolutions per output phase, several times faster on XLA:CPU) or "auto"
-        (subpixel_input_grads on the CPU backend, xla elsewhere); same parameters and, within
-        float32 rounding, the same numbers.
+        of strided convolutions per output phase, several times faster on XLA:CPU), "onednn"
+        (oneDNN's convolutions and gradients through XLA custom calls, CPU only) or "auto"
+        (onednn for single-device CPU programs where it builds, else subpixel_input_grads on
+        the CPU backend, xla elsewhere); same parameters and, within float32 rounding, the same
+        numbers.
 
     Parameters live under `stem_conv`, `stem_bn` and `group{g}_block{b}` (1-based); inside a
     block: `conv1`, `bn1`, ... and `shortcut_conv`, `shortcut_bn`. Every BN scale/bias is 1-D

@@ -1,0 +1,139 @@
+"""The library's C++ XLA FFI extension: oneDNN convolutions for XLA:CPU, built on first use.
+
+``onednn_conv.cc`` is compiled once per machine with the system C++ compiler against JAX's FFI
+headers and oneDNN (>= 3.0), then loaded and registered as XLA custom-call targets. The shared
+library is cached under ``$SIMCLR_JAX_CACHE_DIR`` (default ``~/.cache/simclr_jax``), keyed by a
+hash of the source, the JAX version, the compiler and oneDNN's location, and written atomically,
+so concurrent processes may build it at once. oneDNN comes from the ``onednn`` extra
+(``pip install 'simclr_jax[onednn]'``: Intel's CPU-only wheels, with GNU OpenMP threads) or
+from ``$SIMCLR_JAX_ONEDNN_ROOT`` (a prefix holding ``include/oneapi/dnnl/dnnl.hpp`` and
+``lib/libdnnl.so``).
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+
+SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
+# XLA custom-call target name -> exported handler symbol.
+ONEDNN_CONV_TARGETS = {
+    "simclr_onednn_conv_forward": "OnednnConvForward",
+    "simclr_onednn_conv_input_gradient": "OnednnConvInputGradient",
+    "simclr_onednn_conv_kernel_gradient": "OnednnConvKernelGradient",
+}
+
+
+class NativeUnavailableError(RuntimeError):
+    """The extension cannot be built or loaded here; the message says why."""
+
+
+def onednn_root() -> pathlib.Path:
+    """The prefix oneDNN is taken from: ``$SIMCLR_JAX_ONEDNN_ROOT``, else this environment's."""
+    return pathlib.Path(os.environ.get("SIMCLR_JAX_ONEDNN_ROOT") or sys.prefix)
+
+
+def cache_dir() -> pathlib.Path:
+    """Where built extensions are kept: ``$SIMCLR_JAX_CACHE_DIR``, else the user's cache."""
+    explicit = os.environ.get("SIMCLR_JAX_CACHE_DIR")
+    if explicit:
+        return pathlib.Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "simclr_jax"
+
+
+def _compile_command(root: pathlib.Path, output: pathlib.Path) -> list[str]:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise NativeUnavailableError("no C++ compiler found (set $CXX or install g++)")
+    if not (root / "include/oneapi/dnnl/dnnl.hpp").is_file():
+        raise NativeUnavailableError(
+            f"oneDNN's headers are not under {root}/include: install the extra "
+            "(pip install 'simclr_jax[onednn]') or set $SIMCLR_JAX_ONEDNN_ROOT"
+        )
+    if not (root / "lib/libdnnl.so").exists():
+        raise NativeUnavailableError(f"oneDNN's library {root}/lib/libdnnl.so is missing")
+    lib = root / "lib"
+    return [
+        *compiler.split(),
+        "-O2",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        "-w",
+        f"-I{jax.ffi.include_dir()}",
+        f"-I{root / 'include'}",
+        str(SOURCE),
+        f"-L{lib}",
+        "-ldnnl",
+        f"-Wl,-rpath,{lib}",
+        "-o",
+        str(output),
+    ]
+
+
+def build_onednn_conv() -> pathlib.Path:
+    """The built extension's path, compiling it first unless the cache already holds it."""
+    root = onednn_root()
+    command = _compile_command(root, pathlib.Path("OUTPUT"))
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + jax.__version__.encode() + " ".join(command).encode()
+    ).hexdigest()[:16]
+    target = cache_dir() / f"onednn_conv-{key}.so"
+    if target.is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+        os.close(fd)
+    except OSError as error:
+        raise NativeUnavailableError(
+            f"cannot write the extension cache {target.parent}: {error}"
+        ) from error
+    try:
+        result = subprocess.run(
+            _compile_command(root, pathlib.Path(partial)), capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise NativeUnavailableError(
+                f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}"
+            )
+        os.replace(partial, target)  # atomic: readers see the whole library or none
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+@functools.cache
+def register_onednn_conv() -> None:
+    """Builds (or finds) and loads the extension, and registers its XLA CPU targets, once.
+
+    Raises:
+      NativeUnavailableError: no compiler, no oneDNN, or the build or load failed.
+    """
+    path = build_onednn_conv()
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as error:
+        raise NativeUnavailableError(f"cannot load {path}: {error}") from error
+    for target, symbol in ONEDNN_CONV_TARGETS.items():
+        handler = jax.ffi.pycapsule(getattr(library, symbol))
+        jax.ffi.register_ffi_target(target, handler, platform="cpu")
+
+
+@functools.cache
+def onednn_conv_unavailable_reason() -> str | None:
+    """None when the oneDNN convolutions are registered and usable, else why they are not."""
+    try:
+        register_onednn_conv()
+    except NativeUnavailableError as error:
+        return str(error)
+    return None

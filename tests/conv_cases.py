@@ -1,0 +1,20 @@
+"""Convolution shapes shared by the tests of the convolution formulations."""
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+STRIDED_CASES = [
+    # (batch, height, width, in, out, kernel, stride, padding)
+    (2, 9, 9, 3, 5, 3, 2, ((1, 1), (1, 1))),  # ResNet's 3x3/2, odd size
+    (2, 8, 8, 3, 5, 3, 2, ((1, 1), (1, 1))),  # even size
+    (3, 7, 6, 4, 6, 1, 2, ((0, 0), (0, 0))),  # projection shortcut 1x1/2: three phases get zeros
+    (2, 10, 10, 1, 4, 7, 2, ((3, 3), (3, 3))),  # ImageNet stem 7x7/2
+    (2, 10, 11, 2, 3, 3, 3, ((1, 1), (1, 1))),  # stride 3: a phase's window starts past its row
+    (1, 8, 8, 2, 3, 3, 2, ((0, 1), (2, 0))),  # asymmetric padding
+    (2, 12, 12, 2, 2, 4, 2, ((1, 2), (1, 2))),  # even kernel
+]
+
+STRIDE_1_CASES = [
+    (2, 7, 7, 3, 5, 3, 1, ((1, 1), (1, 1))),  # ResNet's 3x3/1
+    (2, 5, 6, 4, 6, 1, 1, ((0, 0), (0, 0))),  # 1x1 projection
+    (1, 6, 6, 1, 3, 3, 1, ((0, 2), (1, 0))),  # one input channel, asymmetric padding
+]

@@ -1,0 +1,147 @@
+"""Tests for the oneDNN convolutions (simclr_jax.models.onednn_conv, simclr_jax.native)."""
+
+import platform
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conv_cases import NHWC, STRIDE_1_CASES, STRIDED_CASES
+from jax import lax
+
+from simclr_jax import native, parallel
+from simclr_jax.models import conv, onednn_conv
+
+if not (sys.platform == "linux" and platform.machine() == "x86_64"):
+    pytest.skip("the onednn extra has wheels for x86-64 Linux only", allow_module_level=True)
+
+TARGETS = tuple(native.ONEDNN_CONV_TARGETS)
+
+
+def _value_and_grads(conv_fn, x, kernel, stride, padding):
+    def loss(x, kernel):
+        y = conv_fn(x, kernel, (stride, stride), padding, dimension_numbers=NHWC)
+        return jnp.sum(jnp.sin(y)), y
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, kernel)
+
+
+@pytest.mark.parametrize(
+    ("n", "h", "w", "cin", "cout", "k", "stride", "padding"), STRIDED_CASES + STRIDE_1_CASES
+)
+def test_values_and_gradients_equal_xla(n, h, w, cin, cout, k, stride, padding):
+    x = jax.random.normal(jax.random.key(0), (n, h, w, cin))
+    kernel = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
+    (_, y_ref), grads_ref = _value_and_grads(lax.conv_general_dilated, x, kernel, stride, padding)
+    (_, y), grads = _value_and_grads(onednn_conv.conv_general_dilated, x, kernel, stride, padding)
+    for got, want in zip((y, *grads), (y_ref, *grads_ref), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_the_three_directions_are_onednn_custom_calls():
+    x, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    hlo = (
+        jax.jit(
+            jax.value_and_grad(
+                lambda x, k: onednn_conv.conv_general_dilated(
+                    x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC
+                ).sum(),
+                argnums=(0, 1),
+            )
+        )
+        .lower(x, kernel)
+        .as_text()
+    )
+    assert all(f"custom_call @{target}(" in hlo for target in TARGETS)
+    assert "convolution" not in hlo
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kwargs"),
+    [
+        (jnp.bfloat16, {"padding": ((1, 1), (1, 1))}),
+        (jnp.float32, {"padding": "SAME"}),
+        (jnp.float32, {"padding": ((1, 1), (1, 1)), "rhs_dilation": (2, 2)}),
+    ],
+)
+def test_other_convolutions_fall_back_to_the_phase_formulation(dtype, kwargs):
+    x, kernel = jnp.ones((2, 8, 8, 4), dtype), jnp.ones((3, 3, 4, 4), dtype)
+
+    def jaxpr(conv_fn):
+        return str(
+            jax.make_jaxpr(
+                jax.grad(
+                    lambda k: (
+                        conv_fn(x, k, (2, 2), dimension_numbers=NHWC, **kwargs)
+                        .astype(jnp.float32)
+                        .sum()
+                    )
+                )
+            )(kernel)
+        )
+
+    fallback = jaxpr(onednn_conv.conv_general_dilated)
+    assert not any(target in fallback for target in TARGETS)
+    assert fallback == jaxpr(conv.conv_general_dilated)
+
+
+def test_batch_sharded_over_a_mesh_gives_the_same_numbers():
+    """Without a sharding rule XLA gathers the operands; the result must still be right."""
+    mesh = parallel.data_mesh(jax.devices())
+    x = jax.random.normal(jax.random.key(0), (16, 9, 9, 3))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
+    x = jax.device_put(x, parallel.batch_sharded(mesh))
+    (_, y_ref), grads_ref = _value_and_grads(lax.conv_general_dilated, x, kernel, 2, ((1, 1),) * 2)
+    (_, y), grads = _value_and_grads(onednn_conv.conv_general_dilated, x, kernel, 2, ((1, 1),) * 2)
+    for got, want in zip((y, *grads), (y_ref, *grads_ref), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_the_built_extension_is_cached(monkeypatch):
+    path = native.build_onednn_conv()
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again although the cache holds the extension")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert native.build_onednn_conv() == path
+
+
+def test_a_fresh_build_lands_atomically_in_the_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("SIMCLR_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    path = native.build_onednn_conv()
+    assert path.parent == tmp_path / "cache" and path.is_file()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial file left
+    loaded = subprocess.run(
+        [sys.executable, "-c", f"import ctypes; ctypes.CDLL({str(path)!r}).OnednnConvForward"],
+        capture_output=True,
+        text=True,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+
+
+def test_missing_onednn_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("SIMCLR_JAX_ONEDNN_ROOT", str(tmp_path))
+    with pytest.raises(native.NativeUnavailableError, match=r"SIMCLR_JAX_ONEDNN_ROOT"):
+        native.build_onednn_conv()
+
+
+def test_a_failing_compiler_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("SIMCLR_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "c++ -DNOT_A_FLAG_FOR_ME=1 --no-such-option")
+    with pytest.raises(native.NativeUnavailableError, match=r"compiling onednn_conv.cc failed"):
+        native.build_onednn_conv()
+    assert not list(tmp_path.iterdir())
+
+
+def test_explicit_onednn_fails_early_where_it_cannot_run(monkeypatch):
+    with pytest.raises(ValueError, match=r"CPU backend only"):
+        conv.resolve_conv_impl("onednn", "gpu")
+    monkeypatch.setattr(native, "onednn_conv_unavailable_reason", lambda: "no C++ compiler found")
+    with pytest.raises(ValueError, match=r"unavailable: no C\+\+ compiler found"):
+        conv.resolve_conv_impl("onednn", "cpu")
+    # "auto" falls back to the per-phase gradients instead.
+    assert conv.resolve_conv_impl("auto", "cpu", device_count=1) == "subpixel_input_grads"
