@@ -411,4 +411,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    cli.restart_with_huge_pages()
     main()

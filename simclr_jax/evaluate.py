@@ -119,4 +119,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.restart_with_huge_pages()
     app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,69 @@
+"""The command lines' restart with huge pages for malloc (cli.restart_with_huge_pages)."""
+
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from simclr_jax import cli
+
+if not (sys.platform == "linux" and platform.libc_ver()[0] == "glibc"):
+    pytest.skip("glibc tunables exist on Linux with glibc only", allow_module_level=True)
+
+# Restarts (once), then reports its PID, its tunables and how much of a freshly written 256 MiB
+# malloc block lies in huge pages.
+PROGRAM = """
+import ctypes, os
+from simclr_jax import cli
+print("start", os.getpid(), flush=True)
+cli.restart_with_huge_pages()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+block = libc.malloc(1 << 28)
+ctypes.memset(block, 1, 1 << 28)
+smaps = open("/proc/self/smaps_rollup").read().split("\\n")
+huge = [int(line.split()[1]) for line in smaps if line.startswith("AnonHugePages:")]
+print("tunables", os.environ.get("GLIBC_TUNABLES"))
+print("huge_kib", huge[0] if huge else 0)
+"""
+
+
+def _run(env_overrides: dict[str, str]) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES",)}
+    env.update(env_overrides)
+    result = subprocess.run(
+        [sys.executable, "-c", PROGRAM], capture_output=True, text=True, env=env, check=True
+    )
+    return result.stdout.split("\n")
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent huge page mode: always, madvise or never."""
+    path = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    text = path.read_text() if path.exists() else "[never]"
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+def _huge_kib(lines: list[str]) -> int:
+    return int(next(line for line in lines if line.startswith("huge_kib")).split()[1])
+
+
+def test_restarts_once_with_huge_pages_and_keeps_other_tunables():
+    lines = _run({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1048576"})
+    starts = [line for line in lines if line.startswith("start")]
+    assert len(starts) == 2 and starts[0] == starts[1]  # re-executed once, in the same process
+    assert f"tunables glibc.malloc.trim_threshold=1048576:{cli.HUGE_PAGES_TUNABLE}" in lines
+    if _thp_mode() != "never":
+        assert _huge_kib(lines) >= 128 * 1024  # most of the 256 MiB array is in 2 MiB pages
+
+
+def test_opt_out_and_an_explicit_setting_are_left_alone():
+    for env in ({"SIMCLR_JAX_HUGE_PAGES": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}):
+        lines = _run(env)
+        assert sum(line.startswith("start") for line in lines) == 1
+        assert f"tunables {env.get('GLIBC_TUNABLES')}" in lines
+        if _thp_mode() == "madvise":  # huge pages only where malloc asks for them
+            assert _huge_kib(lines) < 16 * 1024
