@@ -2,7 +2,7 @@
 
 The Fashion-MNIST recipe plus a transposed-convolution decoder reconstructing each view's
 un-augmented input image from its representation h, trained for 2 epochs (the budget its
-comparison below was measured at; fashion_mnist.py itself trains 3). Everything else is
+comparison below was measured at; fashion_mnist.py itself trains 4). Everything else is
 unchanged, so a run compares with `fashion_mnist --config.epochs=2` on the reconstruction term
 alone; the article's ±15° random rotation is one flag away: --config.augment.rotation_degrees=15.
 Run:   python -m simclr_jax.train --config=configs/fashion_mnist_hybrid.py \\
