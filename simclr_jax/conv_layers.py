@@ -20,8 +20,6 @@ import jax.numpy as jnp
 from simclr_jax import compiler, timing
 from simclr_jax.models import conv
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
 
 class Convolution(NamedTuple):
     """One distinct NHWC convolution of a model, and whether it reads the model's input."""
@@ -80,7 +78,9 @@ def time_convolution(
     conv_fn = conv.conv_function(conv_impl)
 
     def forward(x, kernel):
-        return conv_fn(x, kernel, convolution.strides, convolution.padding, dimension_numbers=_NHWC)
+        return conv_fn(
+            x, kernel, convolution.strides, convolution.padding, dimension_numbers=conv.NHWC
+        )
 
     x = jax.random.uniform(jax.random.key(0), convolution.input_shape, dtype)
     kernel = jax.random.normal(jax.random.key(1), convolution.kernel_shape, dtype)

@@ -1,6 +1,21 @@
-"""Convolution shapes shared by the tests of the convolution formulations."""
+"""Convolution shapes, and the loss they are tested with, shared by the tests of the
+convolution formulations."""
+
+import jax
+import jax.numpy as jnp
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def value_and_grads(conv_fn, x, kernel, stride, padding):
+    """((sum(sin(y)), y), (dx, dkernel)) of ``y = conv_fn(x, kernel)``, jitted."""
+
+    def loss(x, kernel):
+        y = conv_fn(x, kernel, (stride, stride), padding, dimension_numbers=NHWC)
+        return jnp.sum(jnp.sin(y)), y
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, kernel)
+
 
 STRIDED_CASES = [
     # (batch, height, width, in, out, kernel, stride, padding)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conv_cases import NHWC, STRIDED_CASES
+from conv_cases import NHWC, STRIDED_CASES, value_and_grads
 from jax import lax
 
 from simclr_jax import compiler
@@ -31,15 +31,10 @@ def test_values_and_gradients_equal_xla(n, h, w, cin, cout, k, stride, padding):
     x = jax.random.normal(jax.random.key(0), (n, h, w, cin))
     kernel = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
 
-    def loss(conv_fn):
-        def f(x, kernel):
-            y = conv_fn(x, kernel, (stride, stride), padding, dimension_numbers=NHWC)
-            return jnp.sum(jnp.sin(y)), y
-
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(x, kernel)
-
-    (_, y_ref), (dx_ref, dw_ref) = loss(lax.conv_general_dilated)
-    (_, y), (dx, dw) = loss(conv.conv_general_dilated)
+    (_, y_ref), (dx_ref, dw_ref) = value_and_grads(
+        lax.conv_general_dilated, x, kernel, stride, padding
+    )
+    (_, y), (dx, dw) = value_and_grads(conv.conv_general_dilated, x, kernel, stride, padding)
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(dw, dw_ref)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)

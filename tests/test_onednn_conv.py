@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conv_cases import NHWC, STRIDE_1_CASES, STRIDED_CASES
+from conv_cases import NHWC, STRIDE_1_CASES, STRIDED_CASES, value_and_grads
 from jax import lax
 
 from simclr_jax import native, parallel
@@ -20,22 +20,14 @@ if not (sys.platform == "linux" and platform.machine() == "x86_64"):
 TARGETS = tuple(native.ONEDNN_CONV_TARGETS)
 
 
-def _value_and_grads(conv_fn, x, kernel, stride, padding):
-    def loss(x, kernel):
-        y = conv_fn(x, kernel, (stride, stride), padding, dimension_numbers=NHWC)
-        return jnp.sum(jnp.sin(y)), y
-
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, kernel)
-
-
 @pytest.mark.parametrize(
     ("n", "h", "w", "cin", "cout", "k", "stride", "padding"), STRIDED_CASES + STRIDE_1_CASES
 )
 def test_values_and_gradients_equal_xla(n, h, w, cin, cout, k, stride, padding):
     x = jax.random.normal(jax.random.key(0), (n, h, w, cin))
     kernel = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
-    (_, y_ref), grads_ref = _value_and_grads(lax.conv_general_dilated, x, kernel, stride, padding)
-    (_, y), grads = _value_and_grads(onednn_conv.conv_general_dilated, x, kernel, stride, padding)
+    (_, y_ref), grads_ref = value_and_grads(lax.conv_general_dilated, x, kernel, stride, padding)
+    (_, y), grads = value_and_grads(onednn_conv.conv_general_dilated, x, kernel, stride, padding)
     for got, want in zip((y, *grads), (y_ref, *grads_ref), strict=True):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
@@ -94,8 +86,8 @@ def test_batch_sharded_over_a_mesh_gives_the_same_numbers():
     x = jax.random.normal(jax.random.key(0), (16, 9, 9, 3))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
     x = jax.device_put(x, parallel.batch_sharded(mesh))
-    (_, y_ref), grads_ref = _value_and_grads(lax.conv_general_dilated, x, kernel, 2, ((1, 1),) * 2)
-    (_, y), grads = _value_and_grads(onednn_conv.conv_general_dilated, x, kernel, 2, ((1, 1),) * 2)
+    (_, y_ref), grads_ref = value_and_grads(lax.conv_general_dilated, x, kernel, 2, ((1, 1),) * 2)
+    (_, y), grads = value_and_grads(onednn_conv.conv_general_dilated, x, kernel, 2, ((1, 1),) * 2)
     for got, want in zip((y, *grads), (y_ref, *grads_ref), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 

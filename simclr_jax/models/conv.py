@@ -92,7 +92,8 @@ def conv_function(conv_impl: str):
     }[resolve_conv_impl(conv_impl)]
 
 
-def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding):
+def xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding):
+    """XLA's own NHWC/HWIO convolution: what every formulation here must equal."""
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
 
 
@@ -140,7 +141,7 @@ def _input_gradient_by_phase(dy, kernel, input_hw, strides, padding):
                 _phase_padding(taps_h, sh, padding[0][0], rh, rows, out_h),
                 _phase_padding(taps_w, sw, padding[1][0], rw, cols, out_w),
             )
-            phase_cols.append(_xla_conv(dy, phase_kernel, (1, 1), phase_pad))
+            phase_cols.append(xla_conv(dy, phase_kernel, (1, 1), phase_pad))
         phase_rows.append(jnp.stack(phase_cols, axis=3))  # [n, rows, cols, sw, in]
     interleaved = jnp.stack(phase_rows, axis=2)  # [n, rows, sh, cols, sw, in]
     return interleaved.reshape(n, rows * sh, cols * sw, in_features)[:, :height, :width]
@@ -148,16 +149,16 @@ def _input_gradient_by_phase(dy, kernel, input_hw, strides, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_subpixel_input_grads(x, kernel, strides, padding):
-    return _xla_conv(x, kernel, strides, padding)
+    return xla_conv(x, kernel, strides, padding)
 
 
 def _forward(x, kernel, strides, padding):
-    return _xla_conv(x, kernel, strides, padding), (x, kernel)
+    return xla_conv(x, kernel, strides, padding), (x, kernel)
 
 
 def _backward(strides, padding, residuals, dy):
     x, kernel = residuals
-    _, kernel_vjp = jax.vjp(lambda kernel: _xla_conv(x, kernel, strides, padding), kernel)
+    _, kernel_vjp = jax.vjp(lambda kernel: xla_conv(x, kernel, strides, padding), kernel)
     (dkernel,) = kernel_vjp(dy)
     dx = _input_gradient_by_phase(dy, kernel, x.shape[1:3], strides, padding)
     return dx.astype(x.dtype), dkernel

@@ -26,8 +26,6 @@ import numpy as np
 from simclr_jax import native
 from simclr_jax.models import conv as conv_lib
 
-Padding = tuple[tuple[int, int], tuple[int, int]]
-
 
 def _custom_call(target: str, a, b, out_shape, strides, padding):
     native.register_onednn_conv()
@@ -42,16 +40,10 @@ def _custom_call(target: str, a, b, out_shape, strides, padding):
     )
 
 
-def _output_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, int, int, int]:
-    (kernel_h, kernel_w, _, features) = kernel_shape
-    height = (x_shape[1] + sum(padding[0]) - kernel_h) // strides[0] + 1
-    width = (x_shape[2] + sum(padding[1]) - kernel_w) // strides[1] + 1
-    return (x_shape[0], height, width, features)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _onednn_conv(x, kernel, strides: tuple[int, int], padding: Padding):
-    out_shape = _output_shape(x.shape, kernel.shape, strides, padding)
+def _onednn_conv(x, kernel, strides: tuple[int, int], padding: conv_lib.Padding):
+    xla_conv = functools.partial(conv_lib.xla_conv, strides=strides, padding=padding)
+    out_shape = jax.eval_shape(xla_conv, x, kernel).shape
     return _custom_call("simclr_onednn_conv_forward", x, kernel, out_shape, strides, padding)
 
 

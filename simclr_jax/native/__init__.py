@@ -49,7 +49,8 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "simclr_jax"
 
 
-def _compile_command(root: pathlib.Path, output: pathlib.Path) -> list[str]:
+def _compile_command(root: pathlib.Path) -> list[str]:
+    """The compiler call that builds the extension, less its ``-o OUTPUT``."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise NativeUnavailableError("no C++ compiler found (set $CXX or install g++)")
@@ -74,15 +75,12 @@ def _compile_command(root: pathlib.Path, output: pathlib.Path) -> list[str]:
         f"-L{lib}",
         "-ldnnl",
         f"-Wl,-rpath,{lib}",
-        "-o",
-        str(output),
     ]
 
 
 def build_onednn_conv() -> pathlib.Path:
     """The built extension's path, compiling it first unless the cache already holds it."""
-    root = onednn_root()
-    command = _compile_command(root, pathlib.Path("OUTPUT"))
+    command = _compile_command(onednn_root())
     key = hashlib.sha256(
         SOURCE.read_bytes() + jax.__version__.encode() + " ".join(command).encode()
     ).hexdigest()[:16]
@@ -98,9 +96,7 @@ def build_onednn_conv() -> pathlib.Path:
             f"cannot write the extension cache {target.parent}: {error}"
         ) from error
     try:
-        result = subprocess.run(
-            _compile_command(root, pathlib.Path(partial)), capture_output=True, text=True
-        )
+        result = subprocess.run([*command, "-o", partial], capture_output=True, text=True)
         if result.returncode != 0:
             raise NativeUnavailableError(
                 f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}"
