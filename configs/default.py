@@ -44,9 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.projection_layers = 2  # 2 = SimCLR v1, 3 = v2
     config.model.projection_dim = 128
     config.model.dtype = "float32"  # computation dtype of convolutions and dense layers
-    # "auto": oneDNN's convolutions for a single-device CPU program (the onednn extra), else
-    # strided convolutions' input gradients per output phase on CPU; XLA's own convolutions on
-    # GPU/TPU. "xla", "subpixel_input_grads" or "onednn" force one (models/conv.py).
+    # "auto": oneDNN's convolutions and the library's fused batch-norm kernels for a
+    # single-device CPU program (the onednn extra), else strided convolutions' input gradients
+    # per output phase on CPU; XLA's own convolutions on GPU/TPU. "xla", "subpixel_input_grads"
+    # or "onednn" force one (models/conv.py).
     config.model.conv_impl = "auto"
 
     # --- Objective -------------------------------------------------------------------------

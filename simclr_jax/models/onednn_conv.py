@@ -28,7 +28,7 @@ from simclr_jax.models import conv as conv_lib
 
 
 def _custom_call(target: str, a, b, out_shape, strides, padding):
-    native.register_onednn_conv()
+    native.register_extension()
     (top, bottom), (left, right) = padding
     return jax.ffi.ffi_call(
         target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential"

@@ -11,7 +11,9 @@ The architecture follows the official SimCLR TF2 ResNet:
   (identical to "SAME" at stride 1, and to torchvision's padding at stride 2);
 - convolution kernels use the official initialiser, Keras' default `VarianceScaling()`: scale 1,
   fan-in, truncated normal (the same as Flax's `lecun_normal`, not He's scale-2 variant);
-- BN: moving = momentum * moving + (1 - momentum) * batch, with momentum 0.9 and eps 1e-5.
+- BN: moving = momentum * moving + (1 - momentum) * batch, with momentum 0.9 and eps 1e-5; each
+  BN is one layer with the ReLU and residual add after it (`batch_norm.BatchNorm`, the variables
+  and numbers of `flax.linen.BatchNorm`).
 
 Batch norm is computed over the whole array it is given (`axis_name=None`). Under `jax.jit` with a
 batch-sharded global array this is the global batch, which is what SimCLR needs; no collectives
@@ -26,6 +28,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from simclr_jax.models import conv as conv_lib
+from simclr_jax.models.batch_norm import BatchNorm
 
 _CONV_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 _STEMS = ("imagenet", "cifar")
@@ -119,10 +122,11 @@ class BasicBlock(nn.Module):
             shortcut = self.conv(self.filters, 1, self.strides, name="shortcut_conv")(x)
             shortcut = self.norm(name="shortcut_bn")(shortcut)
         y = self.conv(self.filters, 3, self.strides, name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.norm(name="bn1")(y, relu=True)
         y = self.conv(self.filters, 3, 1, name="conv2")(y)
-        y = self.norm(scale_init=nn.initializers.zeros, name="bn2")(y)
-        return nn.relu(y + shortcut)
+        return self.norm(scale_init=nn.initializers.zeros, name="bn2")(
+            y, residual=shortcut, relu=True
+        )
 
 
 class BottleneckBlock(nn.Module):
@@ -145,12 +149,13 @@ class BottleneckBlock(nn.Module):
             shortcut = self.conv(out_features, 1, self.strides, name="shortcut_conv")(x)
             shortcut = self.norm(name="shortcut_bn")(shortcut)
         y = self.conv(self.filters, 1, 1, name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.norm(name="bn1")(y, relu=True)
         y = self.conv(self.filters, 3, self.strides, name="conv2")(y)
-        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.norm(name="bn2")(y, relu=True)
         y = self.conv(out_features, 1, 1, name="conv3")(y)
-        y = self.norm(scale_init=nn.initializers.zeros, name="bn3")(y)
-        return nn.relu(y + shortcut)
+        return self.norm(scale_init=nn.initializers.zeros, name="bn3")(
+            y, residual=shortcut, relu=True
+        )
 
 
 class ResNet(nn.Module):
@@ -170,7 +175,9 @@ class ResNet(nn.Module):
         statistics stay float32, and h is returned in float32.
       conv_impl: how convolutions are computed: "xla", "subpixel_input_grads" (input gradients
         of strided convolutions per output phase, several times faster on XLA:CPU), "onednn"
-        (oneDNN's convolutions and gradients through XLA custom calls, CPU only) or "auto"
+        (oneDNN's convolutions and gradients through XLA custom calls, with every batch norm
+        fused with the ReLU and residual add after it in the library's CPU kernels; CPU only)
+        or "auto"
         (onednn for single-device CPU programs where it builds, else subpixel_input_grads on
         the CPU backend, xla elsewhere); same parameters and, within float32 rounding, the same
         numbers.
@@ -201,24 +208,24 @@ class ResNet(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         layout = _layout(self.depth)
         width = _base_group_width(self.base_width, self.width_multiplier)
-        conv = functools.partial(
-            _conv, dtype=self.dtype, conv_impl=conv_lib.resolve_conv_impl(self.conv_impl)
-        )
+        conv_impl = conv_lib.resolve_conv_impl(self.conv_impl)
+        conv = functools.partial(_conv, dtype=self.dtype, conv_impl=conv_impl)
         norm = functools.partial(
-            nn.BatchNorm,
+            BatchNorm,
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
+            native_kernels=conv_impl == "onednn",
         )
 
         if self.stem == "imagenet":
             x = conv(width, 7, 2, name="stem_conv")(x)
-            x = nn.relu(norm(name="stem_bn")(x))
+            x = norm(name="stem_bn")(x, relu=True)
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         else:
             x = conv(width, 3, 1, name="stem_conv")(x)
-            x = nn.relu(norm(name="stem_bn")(x))
+            x = norm(name="stem_bn")(x, relu=True)
 
         block_cls = BottleneckBlock if layout.bottleneck else BasicBlock
         for group, (num_blocks, factor) in enumerate(

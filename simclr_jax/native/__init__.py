@@ -1,10 +1,11 @@
-"""The library's C++ XLA FFI extension: oneDNN convolutions for XLA:CPU, built on first use.
+"""The library's C++ XLA FFI extension for XLA:CPU, built on first use: oneDNN convolutions
+(``onednn_conv.cc``) and batch norms fused with their ReLU and residual add (``batch_norm.cc``).
 
-``onednn_conv.cc`` is compiled once per machine with the system C++ compiler against JAX's FFI
-headers and oneDNN (>= 3.0), then loaded and registered as XLA custom-call targets. The shared
-library is cached under ``$SIMCLR_JAX_CACHE_DIR`` (default ``~/.cache/simclr_jax``), keyed by a
-hash of the source, the JAX version, the compiler and oneDNN's location, and written atomically,
-so concurrent processes may build it at once. oneDNN comes from the ``onednn`` extra
+The sources are compiled once per machine with the system C++ compiler against JAX's FFI headers
+and oneDNN (>= 3.0) into one shared library, then loaded and registered as XLA custom-call
+targets. The library is cached under ``$SIMCLR_JAX_CACHE_DIR`` (default ``~/.cache/simclr_jax``),
+keyed by a hash of the sources, the JAX version, the compiler and oneDNN's location, and written
+atomically, so concurrent processes may build it at once. oneDNN comes from the ``onednn`` extra
 (``pip install 'simclr_jax[onednn]'``: Intel's CPU-only wheels, with GNU OpenMP threads) or
 from ``$SIMCLR_JAX_ONEDNN_ROOT`` (a prefix holding ``include/oneapi/dnnl/dnnl.hpp`` and
 ``lib/libdnnl.so``).
@@ -22,13 +23,21 @@ import tempfile
 
 import jax
 
-SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
+SOURCES = tuple(
+    pathlib.Path(__file__).with_name(name) for name in ("onednn_conv.cc", "batch_norm.cc")
+)
 # XLA custom-call target name -> exported handler symbol.
 ONEDNN_CONV_TARGETS = {
     "simclr_onednn_conv_forward": "OnednnConvForward",
     "simclr_onednn_conv_input_gradient": "OnednnConvInputGradient",
     "simclr_onednn_conv_kernel_gradient": "OnednnConvKernelGradient",
 }
+BATCH_NORM_TARGETS = {
+    f"simclr_batch_norm_{fusion}{direction}": f"BatchNorm{name}{direction.capitalize()}"
+    for fusion, name in (("", ""), ("relu_", "Relu"), ("add_relu_", "AddRelu"))
+    for direction in ("forward", "backward")
+}
+TARGETS = {**ONEDNN_CONV_TARGETS, **BATCH_NORM_TARGETS}
 
 
 class NativeUnavailableError(RuntimeError):
@@ -64,27 +73,29 @@ def _compile_command(root: pathlib.Path) -> list[str]:
     lib = root / "lib"
     return [
         *compiler.split(),
-        "-O2",
+        "-O3",
         "-std=c++17",
         "-shared",
         "-fPIC",
         "-w",
         f"-I{jax.ffi.include_dir()}",
         f"-I{root / 'include'}",
-        str(SOURCE),
+        *(str(source) for source in SOURCES),
         f"-L{lib}",
         "-ldnnl",
         f"-Wl,-rpath,{lib}",
     ]
 
 
-def build_onednn_conv() -> pathlib.Path:
+def build_extension() -> pathlib.Path:
     """The built extension's path, compiling it first unless the cache already holds it."""
     command = _compile_command(onednn_root())
     key = hashlib.sha256(
-        SOURCE.read_bytes() + jax.__version__.encode() + " ".join(command).encode()
+        b"".join(source.read_bytes() for source in SOURCES)
+        + jax.__version__.encode()
+        + " ".join(command).encode()
     ).hexdigest()[:16]
-    target = cache_dir() / f"onednn_conv-{key}.so"
+    target = cache_dir() / f"native-{key}.so"
     if target.is_file():
         return target
     try:
@@ -99,7 +110,7 @@ def build_onednn_conv() -> pathlib.Path:
         result = subprocess.run([*command, "-o", partial], capture_output=True, text=True)
         if result.returncode != 0:
             raise NativeUnavailableError(
-                f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}"
+                f"compiling the extension failed:\n{result.stderr[-2000:]}"
             )
         os.replace(partial, target)  # atomic: readers see the whole library or none
     finally:
@@ -109,27 +120,27 @@ def build_onednn_conv() -> pathlib.Path:
 
 
 @functools.cache
-def register_onednn_conv() -> None:
+def register_extension() -> None:
     """Builds (or finds) and loads the extension, and registers its XLA CPU targets, once.
 
     Raises:
       NativeUnavailableError: no compiler, no oneDNN, or the build or load failed.
     """
-    path = build_onednn_conv()
+    path = build_extension()
     try:
         library = ctypes.CDLL(str(path))
     except OSError as error:
         raise NativeUnavailableError(f"cannot load {path}: {error}") from error
-    for target, symbol in ONEDNN_CONV_TARGETS.items():
+    for target, symbol in TARGETS.items():
         handler = jax.ffi.pycapsule(getattr(library, symbol))
         jax.ffi.register_ffi_target(target, handler, platform="cpu")
 
 
 @functools.cache
-def onednn_conv_unavailable_reason() -> str | None:
-    """None when the oneDNN convolutions are registered and usable, else why they are not."""
+def unavailable_reason() -> str | None:
+    """None when the extension's operations are registered and usable, else why they are not."""
     try:
-        register_onednn_conv()
+        register_extension()
     except NativeUnavailableError as error:
         return str(error)
     return None
