@@ -3,7 +3,7 @@
 :class:`BatchNorm` has the variables and the numbers of ``flax.linen.BatchNorm`` (feature axis
 last, batch statistics over every other axis, ``scale``/``bias`` params, ``mean``/``var`` running
 averages in ``batch_stats``), and applies ``relu(bn(x) + residual)`` in one call. With
-``native=True``, training-mode float32 calls run the library's fused CPU kernels
+``native_kernels=True``, training-mode float32 calls run the library's fused CPU kernels
 (``native/batch_norm.cc``: two multi-threaded passes per direction, where XLA:CPU makes several
 single-threaded ones); every other call, and every other backend, computes the same formula in
 JAX. Like the oneDNN convolutions, the native kernels have no sharding rule (XLA gathers their
@@ -92,14 +92,17 @@ def batch_norm_train(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training-mode ``relu(bn(x) + residual)`` and the batch ``(mean, var)`` it used.
 
-    Statistics are over every axis but the last, in float32, and not differentiable (they only
-    feed running averages). ``native_kernels`` uses the fused CPU kernels for float32 ``x`` with
-    no residual or with a residual and a ReLU; otherwise, or when ``x`` is not float32, JAX.
+    Statistics are over every axis but the last, in float32 or wider, and not differentiable
+    (they only feed running averages). ``native_kernels`` uses the fused CPU kernels when every
+    array and ``dtype`` are float32 and there is no residual or a residual and a ReLU; otherwise
+    JAX computes the same formula.
     """
+    arrays = (x, scale, bias) if residual is None else (x, scale, bias, residual)
     native_kernels = (
         native_kernels
-        and x.dtype == jnp.float32
-        and (residual is None or (relu and residual.dtype == jnp.float32))
+        and (residual is None or relu)
+        and jnp.dtype(dtype) == jnp.float32
+        and all(a.dtype == jnp.float32 for a in arrays)
     )
     if native_kernels:
         fusion = _fusion(residual, relu)
@@ -142,26 +145,11 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", self.scale_init, features, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
         if self.use_running_average:
-            return _normalize(
-                x,
-                running_mean.value,
-                running_var.value,
-                scale,
-                bias,
-                residual,
-                relu,
-                self.epsilon,
-                self.dtype,
-            )
+            mean, var = running_mean.value, running_var.value
+            return _normalize(x, mean, var, scale, bias, residual, relu, self.epsilon, self.dtype)
+        native_kernels = self.native_kernels and not self.is_initializing()
         y, mean, var = batch_norm_train(
-            x,
-            scale,
-            bias,
-            residual,
-            relu,
-            self.epsilon,
-            self.dtype,
-            native_kernels=self.native_kernels and not self.is_initializing(),
+            x, scale, bias, residual, relu, self.epsilon, self.dtype, native_kernels
         )
         if not self.is_initializing():
             running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean

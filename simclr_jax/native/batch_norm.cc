@@ -85,6 +85,14 @@ int64_t ForRowChunks(ffi::ThreadPool& pool, int64_t rows,
   return count;
 }
 
+// On x86-64 the element-wise loops are compiled for AVX-512, AVX2 and baseline SSE, and the best
+// the CPU has is picked when the library loads.
+#if defined(__x86_64__)
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
 // 16 floats as one value: AVX-512 register, two AVX2 or four SSE ones, whichever the clone runs.
 typedef float Floats __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
@@ -107,7 +115,7 @@ constexpr int64_t kRowsPerFloatSum = 64;
 
 // For c < channels: sums[c] += sum of g, products[c] += sum of g * b over rows [begin, end),
 // where g = a, or a masked by y > 0 when y is given (written to `masked` when that is given).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void ChannelSums(
+VECTOR_CLONES void ChannelSums(
     const float* __restrict__ a, const float* __restrict__ y, const float* __restrict__ b,
     int64_t begin, int64_t end, int64_t channels, double* __restrict__ sums,
     double* __restrict__ products, float* __restrict__ masked) {
@@ -146,7 +154,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void ChannelSums(
 }
 
 // out = (x - mean[c]) * scale[c] + shift[c] (+ residual), then ReLU if `relu`.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void Normalize(
+VECTOR_CLONES void Normalize(
     const float* __restrict__ x, const float* __restrict__ residual,
     const float* __restrict__ mean, const float* __restrict__ scale,
     const float* __restrict__ shift, bool relu, int64_t begin, int64_t end, int64_t channels,
@@ -174,7 +182,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void Normalize(
 
 // dx = g * scale[c] + (x - mean[c]) * slope[c] + shift[c], with g = dy masked by y > 0 if
 // `mask`.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void InputGradient(
+VECTOR_CLONES void InputGradient(
     const float* __restrict__ dy, const float* __restrict__ y, const float* __restrict__ x,
     const float* __restrict__ mean, const float* __restrict__ scale,
     const float* __restrict__ slope, const float* __restrict__ shift, bool mask, int64_t begin,
