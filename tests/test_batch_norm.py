@@ -39,9 +39,12 @@ def _inputs(shape, seed=0):
     return tuple(map(jnp.asarray, (x, residual, scale, bias, weights)))
 
 
-def _value_and_grads(shape, relu, with_residual, native_kernels):
-    """((y, mean, var), grads of sum(y * weights) w.r.t. x, scale, bias and the residual)."""
+def _value_and_grads(shape, relu, with_residual, native_kernels, sharding=None):
+    """((y, mean, var), grads of sum(y * weights) w.r.t. x, scale, bias and the residual);
+    with ``sharding``, x, the residual and the weights are placed by it."""
     x, residual, scale, bias, weights = _inputs(shape)
+    if sharding is not None:
+        x, residual, weights = (jax.device_put(a, sharding) for a in (x, residual, weights))
 
     def loss(x, scale, bias, residual):
         y, mean, var = batch_norm_train(
@@ -83,16 +86,8 @@ def test_batch_sharded_over_a_mesh_gives_the_same_numbers():
     """No sharding rule: XLA gathers the operands, and the statistics stay global."""
     assert len(jax.devices()) == 8
     outputs, grads = _value_and_grads((8, 6, 6, 16), True, True, native_kernels=True)
-    x, residual, scale, bias, weights = _inputs((8, 6, 6, 16))
     sharding = parallel.batch_sharded(parallel.data_mesh(jax.devices()))
-    x, residual, weights = (jax.device_put(a, sharding) for a in (x, residual, weights))
-
-    def loss(x, scale, bias, residual):
-        y, mean, var = batch_norm_train(x, scale, bias, residual, True, native_kernels=True)
-        return jnp.sum(y * weights), (y, mean, var)
-
-    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
-    (_, sharded_outputs), sharded_grads = jax.jit(grad)(x, scale, bias, residual)
+    sharded_outputs, sharded_grads = _value_and_grads((8, 6, 6, 16), True, True, True, sharding)
     for got, want in zip(sharded_outputs + sharded_grads, outputs + grads, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 

@@ -177,10 +177,9 @@ class ResNet(nn.Module):
         of strided convolutions per output phase, several times faster on XLA:CPU), "onednn"
         (oneDNN's convolutions and gradients through XLA custom calls, with every batch norm
         fused with the ReLU and residual add after it in the library's CPU kernels; CPU only)
-        or "auto"
-        (onednn for single-device CPU programs where it builds, else subpixel_input_grads on
-        the CPU backend, xla elsewhere); same parameters and, within float32 rounding, the same
-        numbers.
+        or "auto" (onednn for single-device CPU programs where it builds, else
+        subpixel_input_grads on the CPU backend, xla elsewhere); same parameters and, within
+        float32 rounding, the same numbers.
 
     Parameters live under `stem_conv`, `stem_bn` and `group{g}_block{b}` (1-based); inside a
     block: `conv1`, `bn1`, ... and `shortcut_conv`, `shortcut_bn`. Every BN scale/bias is 1-D

@@ -70,11 +70,16 @@ class ChunkQueue {
   std::string error_;
 };
 
-// Splits `rows` into chunks and runs run(chunk, first_row, end_row) for each, in parallel on
-// this thread and XLA's pool. Returns the number of chunks.
-int64_t ForRowChunks(ffi::ThreadPool& pool, int64_t rows,
-                     const std::function<void(int64_t, int64_t, int64_t)>& run) {
-  const int64_t count = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), rows));
+// How many row chunks a pass over `rows` is split into: one per thread of XLA's pool, at least one.
+int64_t ChunkCount(ffi::ThreadPool& pool, int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), rows));
+}
+
+// Splits `rows` into ChunkCount chunks and runs run(chunk, first_row, end_row) for each, in
+// parallel on this thread and XLA's pool.
+void ForRowChunks(ffi::ThreadPool& pool, int64_t rows,
+                  const std::function<void(int64_t, int64_t, int64_t)>& run) {
+  const int64_t count = ChunkCount(pool, rows);
   const int64_t per_chunk = (rows + count - 1) / count;
   auto queue = std::make_shared<ChunkQueue>(count, [&run, rows, per_chunk](int64_t i) {
     run(i, i * per_chunk, std::min(rows, (i + 1) * per_chunk));
@@ -82,7 +87,6 @@ int64_t ForRowChunks(ffi::ThreadPool& pool, int64_t rows,
   for (int64_t helper = 1; helper < count; ++helper) pool.Schedule([queue] { queue->Work(); });
   queue->Work();
   queue->Wait();
-  return count;
 }
 
 // On x86-64 the element-wise loops are compiled for AVX-512, AVX2 and baseline SSE, and the best
@@ -211,9 +215,9 @@ VECTOR_CLONES void InputGradient(
 template <typename Sum>
 void ReduceRows(ffi::ThreadPool& pool, int64_t rows, int64_t channels, Sum sum,
                 std::vector<double>& sums, std::vector<double>& products) {
-  const int64_t max_chunks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), rows));
-  std::vector<double> partial(2 * max_chunks * channels, 0.0);
-  const int64_t chunks = ForRowChunks(pool, rows, [&](int64_t i, int64_t begin, int64_t end) {
+  const int64_t chunks = ChunkCount(pool, rows);
+  std::vector<double> partial(2 * chunks * channels, 0.0);
+  ForRowChunks(pool, rows, [&](int64_t i, int64_t begin, int64_t end) {
     double* chunk = partial.data() + 2 * i * channels;
     sum(begin, end, chunk, chunk + channels);
   });
