@@ -1,4 +1,4 @@
-"""Train-step benchmark: ``python -m simclr_jax.benchmark [--config=PATH] [model flags]``.
+"""Train-step benchmark: ``python -m simclr_jax.benchmark [--config=NAME|PATH] [model flags]``.
 
 Times the real SimCLR training step (the model, NT-Xent, optimiser and jit over a data mesh that
 ``python -m simclr_jax.train`` uses) on random images of a given shape, and prints one JSON line:
@@ -11,7 +11,7 @@ measures on the same devices.
 the same step compiled (not run) with ``conv_impl="xla"``, so every formulation is measured
 against the same count; ``achieved_flops_per_s`` and ``utilisation`` divide it by the timed step.
 The record names the compiler options the step was compiled with
-(:func:`simclr_jax.compiler.compiler_options`).
+(:func:`simclr_jax.kernels.compiler_options`).
 
 The model flags mean what they mean for the PyTorch reference step (``--model resnet18 --width 64
 --image-size 32 --channels 3 --batch 128``: CIFAR stem up to 32 px, a 2-layer projection head,
@@ -24,7 +24,7 @@ views the pipeline makes per second over the images the step consumes per second
 real training run (``trainer.train_and_evaluate``, logged to ``metrics.jsonl``). With
 ``--conv-layers`` it also times every distinct convolution of the model on one device's share of
 the batch (forward, input gradient, kernel gradient: ``conv_layers`` and ``conv_totals_ms``), to
-show where the step's convolution time goes (:mod:`simclr_jax.conv_layers`).
+show where the step's convolution time goes (:mod:`simclr_jax.cpu.conv_layers`).
 """
 
 import argparse
@@ -42,17 +42,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from simclr_jax import (
-    cli,
-    compiler,
-    conv_layers,
-    input_throughput,
-    optim,
-    parallel,
-    step,
-    timing,
-)
-from simclr_jax.models import SimCLR, conv, simclr_resnet
+from simclr_jax import cli, configs, input_throughput, kernels, optim, parallel, step, timing
+from simclr_jax.cpu import conv_layers
+from simclr_jax.models import XLA_LAYERS, Layers, SimCLR, simclr_resnet
 
 
 @dataclass(frozen=True)
@@ -105,7 +97,7 @@ def setup_from_config(config: ml_collections.ConfigDict) -> StepSetup:
 
 def matmul_peak_flops(mesh: jax.sharding.Mesh, size: int | None = None, repeats: int = 5) -> float:
     """Float32 FLOP/s of one large matmul per device, run on every device of ``mesh`` at once."""
-    size = size or (1024 if jax.default_backend() == "cpu" else 8192)
+    size = size or (1024 if kernels.platform(mesh) == "cpu" else 8192)
     devices = mesh.devices.size
     sharding = parallel.batch_sharded(mesh)
     a = jax.device_put(jnp.ones((devices, size, size), jnp.float32), sharding)
@@ -114,7 +106,7 @@ def matmul_peak_flops(mesh: jax.sharding.Mesh, size: int | None = None, repeats:
     return 2 * devices * size**3 / min(timing.wall_times(lambda: matmul(a), repeats))
 
 
-def _model(setup: StepSetup, conv_impl: str) -> SimCLR:
+def _model(setup: StepSetup, layers: Layers) -> SimCLR:
     return simclr_resnet(
         depth=setup.depth,
         width_multiplier=setup.width_multiplier,
@@ -124,7 +116,7 @@ def _model(setup: StepSetup, conv_impl: str) -> SimCLR:
         projection_layers=setup.projection_layers,
         projection_dim=setup.projection_dim,
         dtype=jnp.dtype(setup.dtype),
-        conv_impl=conv_impl,
+        layers=layers,
     )
 
 
@@ -151,9 +143,9 @@ def benchmark_step(
     image_shape = (setup.image_size, setup.image_size, setup.channels)
     # Any initial values do: RngBitGenerator keys compile far faster than threefry on a CPU.
     init_key = jax.random.key(0, impl="rbg")
-    conv_impl = conv.resolve_conv_impl(setup.conv_impl, device_count=mesh.size)
+    layers = kernels.for_mesh(setup.conv_impl, mesh)
     state = jax.device_put(
-        step.create_train_state(_model(setup, conv_impl), tx, init_key, image_shape),
+        step.create_train_state(_model(setup, layers), tx, init_key, image_shape),
         parallel.replicated(mesh),
     )
     rng = np.random.default_rng(0)
@@ -167,10 +159,10 @@ def benchmark_step(
         mesh, temperature=setup.temperature, learning_rate_fn=lambda _: learning_rate
     )
     compiled = train_step.lower(state, batch, key).compile()
-    if conv_impl == "xla":
+    if layers == XLA_LAYERS:
         flops = _flops(compiled)
     else:  # the same parameters, computed by XLA's own convolutions: compiled, never run
-        xla_state = state.replace(apply_fn=_model(setup, "xla").apply)
+        xla_state = state.replace(apply_fn=_model(setup, XLA_LAYERS).apply)
         flops = _flops(train_step.lower(xla_state, batch, key).compile())
 
     def run_one():
@@ -185,11 +177,11 @@ def benchmark_step(
     return {
         "framework": "jax",
         "version": jax.__version__,
-        "backend": jax.default_backend(),
+        "backend": kernels.platform(mesh),
         "devices": mesh.devices.size,
         **asdict(setup),
-        "conv_impl_resolved": conv_impl,
-        "compiler_options": compiler.compiler_options(),
+        "conv_impl_resolved": layers.name,
+        "compiler_options": kernels.compiler_options(mesh),
         "steps": steps,
         "median_step_s": round(median, 4),
         "min_step_s": round(min(times), 4),
@@ -204,7 +196,7 @@ def benchmark_step(
 def conv_layer_fields(setup: StepSetup, devices: int) -> dict[str, Any]:
     """Each distinct convolution of ``setup``'s model at one device's share of the batch, timed
     forward, input gradient and kernel gradient (:mod:`simclr_jax.conv_layers`)."""
-    model = _model(setup, "xla")  # the same convolutions, as plain primitives in the jaxpr
+    model = _model(setup, XLA_LAYERS)  # the same convolutions, as plain primitives in the jaxpr
     views = jax.ShapeDtypeStruct(
         (2 * setup.batch // devices, setup.image_size, setup.image_size, setup.channels),
         jnp.float32,
@@ -213,8 +205,8 @@ def conv_layer_fields(setup: StepSetup, devices: int) -> dict[str, Any]:
         lambda images: model.init(jax.random.key(0), images, train=False), views
     )
     convolutions = conv_layers.model_convolutions(model.apply, variables, views)
-    conv_impl = conv.resolve_conv_impl(setup.conv_impl, device_count=devices)
-    return conv_layers.time_convolutions(convolutions, conv_impl, jnp.dtype(setup.dtype))
+    layers = kernels.for_mesh(setup.conv_impl, parallel.data_mesh(jax.devices()[:devices]))
+    return conv_layers.time_convolutions(convolutions, layers, jnp.dtype(setup.dtype))
 
 
 def input_fields(config: ml_collections.ConfigDict, step_images_per_s: float) -> dict[str, float]:
@@ -257,19 +249,6 @@ def measure_data_wait(config: ml_collections.ConfigDict, steps: int = 30) -> dic
     }
 
 
-def _load_config(path: str) -> ml_collections.ConfigDict:
-    """``get_config()`` of a config file (``configs/*.py``, which import ``configs.default``)."""
-    import importlib.util
-
-    cli.add_configs_to_path()
-    spec = importlib.util.spec_from_file_location("benchmarked_config", path)
-    if spec is None or spec.loader is None or not os.path.isfile(path):
-        raise SystemExit(f"error: config file not found: {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 # Manual-mode values of the model flags; with --config the recipe's values take their place.
 _DEFAULTS = {
     "model": "resnet18",
@@ -294,13 +273,18 @@ _CONFIG_FIELDS = {
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--config.FIELD=VALUE`` arguments land in ``overrides``."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Model flags default to the values in brackets; with --config they default to the "
         "recipe's, and those given explicitly override the recipe (the training run of "
         "--measure-data-wait and the input measurement use the overridden recipe too).",
     )
-    parser.add_argument("--config", help="recipe to benchmark (configs/NAME.py)")
+    parser.add_argument(
+        "--config",
+        help="recipe to benchmark: a shipped config's name (e.g. fashion_mnist) or a file's path; "
+        "--config.FIELD=VALUE overrides its fields",
+    )
     model = parser.add_argument_group("model flags")
     model.add_argument("--model", help="resnet18, resnet34, resnet50, ... [resnet18]")
     model.add_argument("--width", type=int, help="channels of the first group [64]")
@@ -311,7 +295,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument("--batch", type=int, help="images per step, 2 views each [128]")
     model.add_argument("--dtype", choices=("float32", "bfloat16"), help="[float32]")
-    model.add_argument("--conv-impl", choices=conv.CONV_IMPLS, help="[auto]")
+    model.add_argument("--conv-impl", choices=kernels.CONV_IMPLS, help="[auto]")
     parser.add_argument("--steps", type=int, default=10, help="timed steps [10]")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling [2]")
     parser.add_argument("--devices", type=int, help="time the step on the first N devices [all]")
@@ -334,8 +318,14 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also train the recipe for --data-wait-steps steps and report data_wait_fraction",
     )
     recipe.add_argument("--data-wait-steps", type=int, default=30, help="[30]")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    args.overrides = [arg.removeprefix("--config.") for arg in rest if arg.startswith("--config.")]
+    unknown = [arg for arg in rest if not arg.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not args.config:
+        if args.overrides:
+            parser.error("--config.FIELD=VALUE needs --config")
         for flag in ("data_dir", "measure_data_wait"):
             if getattr(args, flag):
                 parser.error(f"--{flag.replace('_', '-')} needs --config")
@@ -355,8 +345,10 @@ def _depth(model: str) -> int:
 
 
 def config_with_overrides(args: argparse.Namespace) -> ml_collections.ConfigDict:
-    """The recipe ``--config`` names, with the model flags given explicitly written into it."""
-    config = _load_config(args.config)
+    """The recipe ``--config`` names, with its ``--config.FIELD=VALUE`` overrides and the model
+    flags given explicitly written into it."""
+    config = configs.load(args.config)
+    cli.apply_config_overrides(config, args.overrides)
     if args.data_dir:
         config.data_dir = args.data_dir
     for name, field in _CONFIG_FIELDS.items():

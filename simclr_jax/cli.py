@@ -1,6 +1,7 @@
 """What the command lines (``simclr_jax.train``, ``simclr_jax.evaluate``, ``simclr_jax.benchmark``)
-share: the repository's ``configs/`` on the import path, flag parsing that reports a bad override
-in one line, and a start with huge pages for malloc."""
+share: the ``--config`` flag (a shipped config's name or a file's path, with
+``--config.FIELD=VALUE`` overrides), flag parsing that reports a bad override in one line, and a
+start with huge pages for malloc."""
 
 import ast
 import contextlib
@@ -8,12 +9,12 @@ import os
 import platform
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
+import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
+from simclr_jax import configs
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
@@ -23,10 +24,9 @@ def restart_with_huge_pages() -> None:
     transparent huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``).
 
     XLA:CPU allocates a step's buffers afresh at every execution, and the kernel maps each new
-    4 KiB page on first touch: a 10-step benchmark of the Fashion-MNIST recipe took 2.5 million
-    page faults at 0.78 s per step, and 220,000 at 0.57-0.62 s with 2 MiB pages (README,
-    Performance). glibc reads its tunables at start-up only, hence the restart (same
-    interpreter, arguments, PID). Only on Linux with glibc, only from a command line's
+    4 KiB page on first touch; with 2 MiB pages a step takes a small fraction of those page
+    faults (docs/cpu_performance.md). glibc reads its tunables at start-up only, hence the
+    restart (same interpreter, arguments, PID). Only on Linux with glibc, only from a command line's
     ``__main__``, and never when ``GLIBC_TUNABLES`` already sets ``glibc.malloc.hugetlb`` or
     ``SIMCLR_JAX_HUGE_PAGES=0`` opts out.
     """
@@ -42,13 +42,6 @@ def restart_with_huge_pages() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, sys.orig_argv)
-
-
-def add_configs_to_path() -> None:
-    """Recipes in configs/ import configs/default.py as ``configs.default``: make that
-    importable from any working directory."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
 
 
 @contextlib.contextmanager
@@ -67,7 +60,56 @@ def one_line_flag_errors() -> Iterator[None]:
         sys.exit(f"error: invalid command line or config override: {' '.join(detail.split())}")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """Parses the command line; a misspelt or mistyped config override is one clear error line."""
+def resolve_config_argument(argv: list[str]) -> list[str]:
+    """``argv`` with the value of ``--config`` (a shipped config's name or a file's path) turned
+    into the config file's path (:func:`simclr_jax.configs.config_path`)."""
+    resolved = list(argv)
+    for i, arg in enumerate(resolved):
+        if arg.startswith("--config="):
+            resolved[i] = "--config=" + configs.config_path(arg.removeprefix("--config="))
+        elif arg == "--config" and i + 1 < len(resolved):
+            resolved[i + 1] = configs.config_path(resolved[i + 1])
+    return resolved
+
+
+def apply_config_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Applies ``FIELD=VALUE`` overrides (as after ``--config.``) to ``config``, with the type
+    checks of ``--config.FIELD=VALUE`` on the training command line; ``config`` is locked, as
+    there, so that a misspelt field is an error.
+
+    Raises:
+      ValueError: an override without ``=``, an unknown field, or a value of the wrong type.
+    """
+    config.lock()
+    for override in overrides:
+        field, separator, text = override.partition("=")
+        if not separator:
+            raise ValueError(f"config override {override!r} is not FIELD=VALUE.")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a plain string, as on the training command line
+        try:
+            config.update_from_flattened_dict({field: value})
+        except (AttributeError, KeyError, TypeError) as error:
+            raise ValueError(f"config override {override!r}: {error}") from None
+
+
+def define_config_flag(default: str | None, help_string: str) -> flags.FlagHolder:
+    """``--config=NAME|PATH`` (default: the config ``default``, or none) and its locked
+    ``--config.FIELD=VALUE`` overrides, so a misspelt field is an error."""
     with one_line_flag_errors():
-        return flags.FLAGS(argv)
+        return config_flags.DEFINE_config_file(
+            "config",
+            configs.config_path(default) if default else None,
+            help_string,
+            lock_config=True,
+            sys_argv=resolve_config_argument(sys.argv),
+        )
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parses the command line; a misspelt or mistyped config override, or an unknown config, is
+    one clear error line."""
+    with one_line_flag_errors():
+        return flags.FLAGS(resolve_config_argument(argv))

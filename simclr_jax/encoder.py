@@ -19,7 +19,9 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from simclr_jax import checkpointing, cli, compiler, parallel, step, trainer
+from simclr_jax import checkpointing, kernels, parallel, step
+from simclr_jax.configs import default
+from simclr_jax.experiment import Experiment, build_model
 from simclr_jax.models import SimCLR
 
 _FORMAT = "simclr_jax.encoder"
@@ -68,8 +70,20 @@ class Encoder:
 def _jit_features(model: SimCLR, output: str):
     return jax.jit(
         functools.partial(features, model, output=output),
-        compiler_options=compiler.compiler_options(),
+        compiler_options=kernels.compiler_options(_local_mesh()),
     )
+
+
+def _local_mesh() -> jax.sharding.Mesh:
+    """The one-device mesh an :class:`Encoder` computes on: this process's first device."""
+    return parallel.data_mesh(jax.local_devices()[:1])
+
+
+def _local_model(model_config: dict[str, Any], num_classes: int) -> SimCLR:
+    """The network ``model_config`` describes, with the kernels chosen for :func:`_local_mesh`."""
+    config = ml_collections.ConfigDict(model_config)
+    layers = kernels.for_mesh(config.model.conv_impl, _local_mesh())
+    return build_model(config, num_classes, layers)
 
 
 def from_state(
@@ -78,12 +92,14 @@ def from_state(
     num_classes: int,
     image_shape: tuple[int, int, int],
 ) -> Encoder:
-    """The :class:`Encoder` of a train state of the run ``config`` (the model it describes)."""
+    """The :class:`Encoder` of a train state of the run ``config`` (the model it describes, with
+    the kernels chosen for this process's first device)."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
+    model_config = {"model": config.model.to_dict(), "hybrid": config.hybrid.to_dict()}
     return Encoder(
-        model=trainer.build_model(config, num_classes),
+        model=_local_model(model_config, num_classes),
         variables=jax.device_get(variables),
-        model_config={"model": config.model.to_dict(), "hybrid": config.hybrid.to_dict()},
+        model_config=model_config,
         num_classes=num_classes,
         image_shape=tuple(image_shape),
     )
@@ -91,9 +107,6 @@ def from_state(
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run wrote to ``WORKDIR/config.json`` (fields it lacks take their defaults)."""
-    cli.add_configs_to_path()
-    from configs import default
-
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; is {workdir} the workdir of a run?")
@@ -104,7 +117,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         config.update_from_flattened_dict(_flatten(stored))
     except (KeyError, AttributeError, TypeError) as error:
         raise ValueError(
-            f"{path} does not fit this version's configs/default.py ({error}); evaluate it with "
+            f"{path} does not fit this version's default config ({error}); evaluate it with "
             "the version of simclr_jax that trained it."
         ) from error
     return config
@@ -121,24 +134,28 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def restore_state(
-    plan: "trainer._RunPlan", workdir: str, mesh, step_number: int | None = None
+    experiment: Experiment, workdir: str, step_number: int | None = None
 ) -> step.TrainState:
     """The train state of checkpoint ``step_number`` (default: latest) of the run in ``workdir``,
-    replicated over ``mesh``."""
+    replicated over the experiment's mesh."""
     directory = os.path.join(workdir, "checkpoints")
-    template = jax.device_put(plan.initial_state(plan.config.seed), parallel.replicated(mesh))
+    template = jax.device_put(
+        experiment.initial_state(experiment.config.seed), parallel.replicated(experiment.mesh)
+    )
     with checkpointing.Checkpointer(directory, max_to_keep=None) as checkpointer:
         if checkpointer.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {directory}; train the run first.")
-        state, _ = checkpointer.restore(template, step_number, compatibility=plan.compatibility())
+        state, _ = checkpointer.restore(
+            template, step_number, compatibility=experiment.compatibility()
+        )
     return state
 
 
 def from_checkpoint(workdir: str, step_number: int | None = None) -> Encoder:
     """The :class:`Encoder` of a run's checkpoint (default: the latest), on this process."""
-    plan = trainer._RunPlan(read_run_config(workdir))
-    state = restore_state(plan, workdir, parallel.data_mesh(), step_number)
-    return from_state(state, plan.config, plan.num_classes, plan.image_shape)
+    experiment = Experiment(read_run_config(workdir), parallel.data_mesh())
+    state = restore_state(experiment, workdir, step_number)
+    return from_state(state, experiment.config, experiment.num_classes, experiment.image_shape)
 
 
 def export_encoder(encoder: Encoder, path: str | os.PathLike) -> str:
@@ -175,9 +192,8 @@ def load_encoder(path: str | os.PathLike) -> Encoder:
     if payload["version"] != _VERSION:
         raise ValueError(f"{path} has format version {payload['version']}, expected {_VERSION}.")
     metadata = json.loads(payload["metadata"])
-    config = ml_collections.ConfigDict(metadata["network"])
     return Encoder(
-        model=trainer.build_model(config, metadata["num_classes"]),
+        model=_local_model(metadata["network"], metadata["num_classes"]),
         variables=payload["variables"],
         model_config=metadata["network"],
         num_classes=metadata["num_classes"],

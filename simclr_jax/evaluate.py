@@ -24,10 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from simclr_jax import cli
-
-cli.add_configs_to_path()
-
-from configs import default  # noqa: E402
+from simclr_jax.configs import default
 
 PROTOCOL_NAMES = ("linear", "knn", "label_budget", "finetune", "pictures", "export")
 
@@ -64,17 +61,18 @@ def run_protocols(
         )
     import jax
 
-    from simclr_jax import encoder, parallel, trainer
+    from simclr_jax import encoder, parallel
     from simclr_jax.evaluation import protocols as protocol_lib
+    from simclr_jax.experiment import Experiment
 
     workdir = os.path.abspath(workdir)
     config = encoder.read_run_config(workdir)
     config.update_from_flattened_dict(overrides or {})
     mesh = parallel.data_mesh()
     parallel.check_global_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    plan = trainer._RunPlan(config)
-    state = encoder.restore_state(plan, workdir, mesh, checkpoint)
-    run = protocol_lib.Run(plan=plan, state=state, mesh=mesh, workdir=workdir)
+    experiment = Experiment(config, mesh)
+    state = encoder.restore_state(experiment, workdir, checkpoint)
+    run = protocol_lib.Run(experiment, state, workdir)
     if jax.process_index() == 0:
         print(f"evaluating step {int(state.step)} of {workdir}", flush=True)
     outcomes = {}

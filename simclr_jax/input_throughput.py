@@ -8,7 +8,8 @@ import time
 
 import ml_collections
 
-from simclr_jax import trainer
+from simclr_jax import parallel
+from simclr_jax.experiment import Experiment
 
 
 def measure_pretrain_throughput(
@@ -26,7 +27,7 @@ def measure_pretrain_throughput(
             f"num_batches must be >= 1 and warmup_batches >= 0, got {num_batches} and "
             f"{warmup_batches}."
         )
-    batches = trainer._RunPlan(config).pretrain_batches(start_step=0)
+    batches = Experiment(config, parallel.data_mesh()).pretrain_batches(start_step=0)
     for _ in range(warmup_batches):
         next(batches)
     pairs = 0

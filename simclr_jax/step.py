@@ -22,7 +22,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from simclr_jax import compiler, losses, parallel, reconstruction
+from simclr_jax import kernels, losses, parallel, reconstruction
 from simclr_jax.models.decoder import SAMPLE_RNG
 
 Batch = dict[str, jax.Array]
@@ -185,7 +185,7 @@ def jit_train_step(
         in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
-        compiler_options=compiler.compiler_options(),
+        compiler_options=kernels.compiler_options(mesh),
     )
 
 
@@ -202,5 +202,5 @@ def jit_embed_step(mesh: Mesh) -> Callable[[TrainState, jax.Array], dict[str, ja
         embed_step,
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
         out_shardings=parallel.batch_sharded(mesh),
-        compiler_options=compiler.compiler_options(),
+        compiler_options=kernels.compiler_options(mesh),
     )

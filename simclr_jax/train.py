@@ -1,8 +1,10 @@
-"""Command line: ``python -m simclr_jax.train --config=configs/NAME.py --workdir=DIR``.
+"""Command line: ``python -m simclr_jax.train --config=NAME|PATH --workdir=DIR``.
 
-With no arguments it pretrains and evaluates the embedded default (Fashion-MNIST,
-``configs/fashion_mnist.py``) into ``workdirs/fashion_mnist``. Any config field can be overridden,
-e.g. ``--config.global_batch_size=512``; the config is locked, so a misspelt field is an error.
+``NAME`` is a config shipped in :mod:`simclr_jax.configs` (``fashion_mnist``,
+``cifar10_resnet18``, ...), ``PATH`` any config file. With no arguments it pretrains and evaluates
+the embedded default (Fashion-MNIST, ``fashion_mnist``) into ``workdirs/fashion_mnist``. Any config
+field can be overridden, e.g. ``--config.global_batch_size=512``; the config is locked, so a
+misspelt field is an error.
 Rerunning the same command resumes from the latest checkpoint in the workdir.
 """
 
@@ -11,17 +13,14 @@ import sys
 from pathlib import Path
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from simclr_jax import cli
 
-DEFAULT_CONFIG = cli.REPO_ROOT / "configs" / "fashion_mnist.py"
-cli.add_configs_to_path()
+DEFAULT_CONFIG = "fashion_mnist"
 
-with cli.one_line_flag_errors():
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", str(DEFAULT_CONFIG), "Path to a config file (configs/*.py).", lock_config=True
-    )
+_CONFIG = cli.define_config_flag(
+    DEFAULT_CONFIG, "A shipped config's name (simclr_jax.configs) or a config file's path."
+)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and results (default: workdirs/CONFIG)."
 )

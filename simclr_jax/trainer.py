@@ -19,188 +19,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simclr_jax import (
-    checkpointing,
-    optim,
-    parallel,
-    prefetch,
-    reconstruction,
-    reporting,
-    step,
-    visualize,
-)
-from simclr_jax.data import augment, pipeline
-from simclr_jax.evaluation import features, knn, linear_probe
-from simclr_jax.models import SimCLR, decoder, simclr_resnet
-
-_DECODERS = ("none", "ae", "vae")
+from simclr_jax import checkpointing, parallel, prefetch, reporting, step, visualize
+from simclr_jax.evaluation import features, protocols
+from simclr_jax.experiment import Experiment
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
-
-
-def reconstruction_head(
-    config: ml_collections.ConfigDict,
-) -> decoder.AutoencoderHead | decoder.VariationalHead | None:
-    """The reconstruction head ``config.hybrid.decoder`` names, or None for plain SimCLR."""
-    hybrid = config.hybrid
-    if hybrid.decoder not in _DECODERS:
-        raise ValueError(f"hybrid.decoder must be one of {_DECODERS}, got {hybrid.decoder!r}")
-    dtype = jnp.dtype(config.model.dtype)
-    if hybrid.decoder == "ae":
-        return decoder.AutoencoderHead(channels=hybrid.decoder_channels, dtype=dtype)
-    if hybrid.decoder == "vae":
-        return decoder.VariationalHead(
-            latent_dim=hybrid.latent_dim, channels=hybrid.decoder_channels, dtype=dtype
-        )
-    return None
-
-
-def hybrid_objective(config: ml_collections.ConfigDict) -> reconstruction.HybridObjective | None:
-    """The reconstruction terms of ``config.hybrid``, or None when its decoder is off."""
-    if reconstruction_head(config) is None:
-        return None
-    return reconstruction.HybridObjective(
-        reconstruction_weight=config.hybrid.reconstruction_weight,
-        kl_weight=config.hybrid.kl_weight,
-        target=config.hybrid.target,
-    )
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> SimCLR:
-    """The SimCLR network that ``config.model`` describes, with a probe over ``num_classes``
-    and the reconstruction head of ``config.hybrid`` (if any)."""
-    return simclr_resnet(
-        depth=config.model.depth,
-        width_multiplier=config.model.width_multiplier,
-        base_width=config.model.base_width,
-        stem=config.model.stem,
-        num_classes=num_classes,
-        projection_layers=config.model.projection_layers,
-        projection_dim=config.model.projection_dim,
-        dtype=jnp.dtype(config.model.dtype),
-        conv_impl=config.model.conv_impl,
-        reconstruction_head=reconstruction_head(config),
-    )
-
-
-def augment_config(config: ml_collections.ConfigDict, image_size: int) -> augment.AugmentConfig:
-    """The pretraining augmentation that ``config.augment`` describes, at ``image_size``."""
-    return augment.AugmentConfig(
-        image_size=image_size,
-        crop_area_range=(config.augment.crop_area_min, 1.0),
-        flip_prob=config.augment.flip_prob,
-        color_jitter_strength=config.augment.color_jitter_strength,
-        color_jitter_prob=config.augment.color_jitter_prob,
-        grayscale_prob=config.augment.grayscale_prob,
-        blur_prob=config.augment.blur_prob,
-        brightness_mode=config.augment.brightness_mode,
-        rotation_degrees=config.augment.rotation_degrees,
-    )
-
-
-class _RunPlan:
-    """Everything a run derives from its config and the dataset's metadata, before training."""
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        data_dir = config.data_dir or None
-        dataset_dir = config.dataset_dir or None
-        self.data_kwargs = {"data_dir": data_dir, "dataset_dir": dataset_dir}
-        pipeline.prepare_dataset(config.dataset, data_dir=data_dir, dataset_dir=dataset_dir)
-        self.train_info = pipeline.dataset_info(
-            config.dataset, config.train_split, **self.data_kwargs
-        )
-        self.probe_info = pipeline.dataset_info(
-            config.dataset, config.probe_train_split, **self.data_kwargs
-        )
-        self.eval_info = pipeline.dataset_info(
-            config.dataset, config.eval_split, **self.data_kwargs
-        )
-        height, _, channels = self.train_info.image_shape
-        self.image_size = config.image_size or height
-        if not self.image_size:
-            raise ValueError(
-                f"the images of {config.dataset} vary in size: set --config.image_size "
-                "(e.g. 224) to the side the views are resized to."
-            )
-        self.image_shape = (self.image_size, self.image_size, channels)
-        self.num_classes = self.probe_info.num_classes
-        batch = config.global_batch_size
-        self.steps_per_epoch = optim.steps_per_epoch(self.train_info.num_examples, batch)
-        self.total_steps = (
-            config.num_train_steps
-            if config.num_train_steps > 0
-            else optim.total_steps(self.train_info.num_examples, config.epochs, batch)
-        )
-        self.learning_rate_fn = optim.warmup_cosine_schedule(
-            peak_value=optim.scaled_learning_rate(
-                config.base_learning_rate, batch, config.learning_rate_scaling
-            ),
-            warmup_steps=min(
-                round(config.warmup_epochs * self.steps_per_epoch), self.total_steps - 1
-            ),
-            total_steps=self.total_steps,
-        )
-        self.model = build_model(config, self.num_classes)
-        self.hybrid = hybrid_objective(config)
-
-    def compatibility(self) -> dict[str, Any]:
-        """What a checkpoint must share with this run to be restored into it (how convolutions
-        are computed is not part of it: every ``conv_impl`` has the same parameters)."""
-        model = {k: v for k, v in self.config.model.to_dict().items() if k != "conv_impl"}
-        compatibility = {
-            **model,
-            "image_shape": list(self.image_shape),
-            "num_classes": self.num_classes,
-            "optimizer": self.config.optimizer,
-        }
-        if self.hybrid is not None:  # recorded only when on: plain checkpoints stay compatible
-            hybrid = self.config.hybrid
-            compatibility["hybrid_decoder"] = hybrid.decoder
-            compatibility["hybrid_decoder_channels"] = hybrid.decoder_channels
-            if hybrid.decoder == "vae":
-                compatibility["hybrid_latent_dim"] = hybrid.latent_dim
-        return compatibility
-
-    def initial_state(self, seed: int) -> step.TrainState:
-        tx = optim.create_optimizer(
-            self.config.optimizer,
-            self.learning_rate_fn,
-            weight_decay=self.config.weight_decay,
-            momentum=self.config.momentum,
-        )
-        return step.create_train_state(self.model, tx, jax.random.key(seed), self.image_shape)
-
-    def pretrain_batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-        return pipeline.pretrain_batches(
-            self.config.dataset,
-            self.config.train_split,
-            host_batch_size=self.config.global_batch_size // jax.process_count(),
-            augment_config=augment_config(self.config, self.image_size),
-            seed=self.config.seed,
-            start_step=start_step,
-            cache=self.config.cache,
-            shuffle_buffer=self.config.shuffle_buffer,
-            with_input_image=self.hybrid is not None and self.hybrid.needs_input_image,
-            **self.data_kwargs,
-        )
-
-    def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
-        return pipeline.eval_batches(
-            self.config.dataset,
-            split,
-            host_batch_size=self.config.eval_batch_size // jax.process_count(),
-            image_size=self.image_size,
-            center_crop_fraction=self.config.eval_center_crop or None,
-            **self.data_kwargs,
-        )
 
 
 @contextlib.contextmanager
@@ -282,33 +111,25 @@ def _log_step(
 
 
 def _train(
-    plan: _RunPlan,
+    experiment: Experiment,
     state: step.TrainState,
-    mesh,
     checkpointer: checkpointing.Checkpointer,
     log: reporting.MetricsLog,
 ) -> tuple[step.TrainState, bool]:
     """The training loop from ``state.step`` to the end; returns (state, completed)."""
-    config = plan.config
-    train_step = step.jit_train_step(
-        mesh,
-        temperature=config.temperature,
-        learning_rate_fn=plan.learning_rate_fn,
-        loss_block_size=config.loss_block_size,
-        hybrid=plan.hybrid,
-    )
-    embed = step.jit_embed_step(mesh)
+    config, mesh = experiment.config, experiment.mesh
+    train_step = experiment.train_step()
     base_key = jax.random.key(config.seed)
     start = int(state.step)
-    batches = prefetch.DevicePrefetcher(plan.pretrain_batches(start), mesh)
+    batches = prefetch.DevicePrefetcher(experiment.pretrain_batches(start), mesh)
     log.start(start)
     waits = _WaitFraction(batches)
     with _stop_requests() as stop_requests, contextlib.closing(batches):
-        for current in range(start, plan.total_steps):
+        for current in range(start, experiment.total_steps):
             batch = next(batches)
             state, metrics = train_step(state, batch, jax.random.fold_in(base_key, current))
             done = current + 1
-            is_last = done == plan.total_steps
+            is_last = done == experiment.total_steps
             at_log_step = done % config.log_every_steps == 0
             at_save_step = done % config.checkpoint_every_steps == 0
             logged = at_log_step or at_save_step or is_last  # never save a diverged state
@@ -320,9 +141,9 @@ def _train(
                 _log_step(done, metrics, log, waits, checkpointer)
             should_save = at_save_step or is_last or stop
             if should_save:
-                checkpointer.save(done, state, plan.compatibility(), force=True)
+                checkpointer.save(done, state, experiment.compatibility(), force=True)
             if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and not is_last:
-                evaluated = _monitor_metrics(plan, *_encoder_features(plan, state, mesh, embed))
+                evaluated = protocols.monitor(protocols.Run(experiment, state))
                 log.write(done, {f"eval_{name}": value for name, value in evaluated.items()})
                 log.start(done)  # evaluation time is not training throughput
                 waits.since_last()  # nor time waiting for data
@@ -339,95 +160,21 @@ def _train(
     return state, True
 
 
-def _linear_probe(
-    train: dict[str, np.ndarray], test: dict[str, np.ndarray], key: str, plan
-) -> float:
-    result = linear_probe.linear_probe_accuracy(
-        train[key],
-        train["label"],
-        test[key],
-        test["label"],
-        num_classes=plan.num_classes,
-        holdout_fraction=plan.config.linear_probe_holdout_fraction,
-        patience=plan.config.linear_probe_patience,
-        seed=plan.config.seed,
-    )
-    return float(result["top1"])
-
-
-def _extract(plan: _RunPlan, mesh, embed_fn, state, split: str, outputs=("h",)):
-    return features.extract_features(embed_fn, state, plan.eval_batches(split), mesh, outputs)
-
-
-def _encoder_features(plan: _RunPlan, state: step.TrainState, mesh, embed_fn):
-    """``h`` of the probe-train split, and ``h`` plus probe logits of the eval split."""
-    train = _extract(plan, mesh, embed_fn, state, plan.config.probe_train_split)
-    test = _extract(plan, mesh, embed_fn, state, plan.config.eval_split, ("h", "logits"))
-    return train, test
-
-
-def _monitor_metrics(plan: _RunPlan, train, test) -> dict[str, float]:
-    """The cheap evaluations: the online probe's and kNN's top-1 on the eval split."""
-    return {
-        "online_probe_top1": float(linear_probe.top_k_accuracy(test["logits"], test["label"], 1)),
-        "knn_top1": knn.knn_accuracy(
-            train["h"],
-            train["label"],
-            test["h"],
-            test["label"],
-            num_classes=plan.num_classes,
-            k=plan.config.knn_k,
-            temperature=plan.config.knn_temperature or None,
-        ),
-    }
-
-
-def evaluate(plan: _RunPlan, state: step.TrainState, mesh) -> dict[str, float]:
-    """Online probe, kNN and linear-probe accuracy on the eval split (and the two baselines)."""
-    config = plan.config
-    embed = step.jit_embed_step(mesh)
-    train, test = _encoder_features(plan, state, mesh, embed)
-    results = {
-        **_monitor_metrics(plan, train, test),
-        "linear_probe_top1": _linear_probe(train, test, "h", plan),
-    }
-    if config.compute_baselines:
-        random_state = jax.device_put(
-            plan.initial_state(config.seed + 1), parallel.replicated(mesh)
-        )
-        results["baseline_random_encoder_top1"] = _linear_probe(
-            _extract(plan, mesh, embed, random_state, config.probe_train_split),
-            _extract(plan, mesh, embed, random_state, config.eval_split),
-            "h",
-            plan,
-        )
-        pixels = jax.jit(
-            lambda _, images: {"pixels": images.reshape(images.shape[0], -1)},
-            out_shardings=parallel.batch_sharded(mesh),
-        )
-        results["baseline_raw_pixels_top1"] = _linear_probe(
-            _extract(plan, mesh, pixels, None, config.probe_train_split, ("pixels",)),
-            _extract(plan, mesh, pixels, None, config.eval_split, ("pixels",)),
-            "pixels",
-            plan,
-        )
-    return results
-
-
 def save_reconstructions(
-    plan: _RunPlan, state: step.TrainState, mesh, path: str, num_images: int = 16
+    experiment: Experiment, state: step.TrainState, path: str, num_images: int = 16
 ) -> None:
     """PNG of the first ``num_images`` eval-split images and their reconstructions.
 
     Rows alternate: inputs, then their reconstructions (inference mode: the VAE decodes μ), in
     rows of 8. Needs a model with a reconstruction head.
     """
+    mesh = experiment.mesh
     embed = step.jit_embed_step(mesh)
 
     def inputs_and_reconstructions(state, images):
         return {"input": images, "reconstruction": embed(state, images)["reconstruction"]}
 
-    first_batch = itertools.islice(plan.eval_batches(plan.config.eval_split), 1)
+    first_batch = itertools.islice(experiment.eval_batches(experiment.config.eval_split), 1)
     pairs = features.extract_features(
         inputs_and_reconstructions, state, first_batch, mesh, ("input", "reconstruction")
     )
@@ -458,36 +205,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mesh = parallel.data_mesh()
         parallel.check_global_batch_size(config.global_batch_size, mesh, "global_batch_size")
         parallel.check_global_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-        plan = _RunPlan(config)
+        experiment = Experiment(config, mesh)
+        if jax.process_index() == 0:
+            print(
+                f"kernels: {experiment.layers.name} (conv_impl={config.model.conv_impl!r})",
+                flush=True,
+            )
         _write_json(os.path.join(workdir, "config.json"), config.to_dict())
-        state = jax.device_put(plan.initial_state(config.seed), parallel.replicated(mesh))
+        state = jax.device_put(experiment.initial_state(config.seed), parallel.replicated(mesh))
         if checkpointer.latest_step() is not None:
-            state, _ = checkpointer.restore(state, compatibility=plan.compatibility())
+            state, _ = checkpointer.restore(state, compatibility=experiment.compatibility())
             print(f"resumed from step {int(state.step)} in {checkpointer.directory}", flush=True)
         log = reporting.MetricsLog(
             workdir,
-            total_steps=plan.total_steps,
-            steps_per_epoch=plan.steps_per_epoch,
+            total_steps=experiment.total_steps,
+            steps_per_epoch=experiment.steps_per_epoch,
             global_batch_size=config.global_batch_size,
         )
         with contextlib.closing(log):
             train_started = time.perf_counter()
             start_step = int(state.step)
-            state, completed = _train(plan, state, mesh, checkpointer, log)
+            state, completed = _train(experiment, state, checkpointer, log)
             train_seconds = time.perf_counter() - train_started
         if not completed:
             return None
-        if plan.hybrid is not None:
-            save_reconstructions(plan, state, mesh, os.path.join(workdir, "reconstructions.png"))
+        if experiment.hybrid is not None:
+            save_reconstructions(experiment, state, os.path.join(workdir, "reconstructions.png"))
+        evaluated = (
+            protocols.end_of_run(protocols.Run(experiment, state, workdir))
+            if config.evaluate_at_end
+            else {}
+        )
         results = {
-            **(evaluate(plan, state, mesh) if config.evaluate_at_end else {}),
-            "steps": plan.total_steps,
-            "epochs": plan.total_steps / plan.steps_per_epoch,
+            **evaluated,
+            "kernels": experiment.layers.name,
+            "steps": experiment.total_steps,
+            "epochs": experiment.total_steps / experiment.steps_per_epoch,
             "wall_time_s": time.perf_counter() - started,
             "train_time_s": train_seconds,
             "images_per_s": 2
             * config.global_batch_size
-            * (plan.total_steps - start_step)
+            * (experiment.total_steps - start_step)
             / max(train_seconds, 1e-9),
         }
     _write_json(os.path.join(workdir, "results.json"), results)

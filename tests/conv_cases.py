@@ -1,10 +1,21 @@
 """Convolution shapes, and the loss they are tested with, shared by the tests of the
-convolution formulations."""
+convolution formulations; and the skip of tests that need the native CPU extension."""
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def skip_without_extension() -> None:
+    """Skips the calling test where the oneDNN extension (simclr_jax.cpu.extension) cannot be
+    built or loaded here, naming why."""
+    from simclr_jax.cpu import extension
+
+    reason = extension.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the oneDNN extension is unavailable here: {reason}")
 
 
 def value_and_grads(conv_fn, x, kernel, stride, padding):

@@ -60,8 +60,8 @@ def run_steps(out: str) -> None:
 
 
 def run_trainer(out: str, data_dir: str, workdir: str, sigterm_at: int) -> None:
-    from configs import tiny
     from simclr_jax import reporting, trainer
+    from simclr_jax.configs import tiny
 
     if sigterm_at > 0:
         write = reporting.MetricsLog.write

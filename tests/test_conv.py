@@ -1,14 +1,19 @@
-"""Tests for simclr_jax.models.conv: per-phase input gradients equal XLA's convolution gradients."""
+"""Tests for simclr_jax.cpu.convolution (per-phase input gradients equal XLA's convolution
+gradients), the CPU layers that use it, and the CPU compiler options."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conv_cases import NHWC, STRIDED_CASES, value_and_grads
+from conv_cases import NHWC, STRIDED_CASES, skip_without_extension, value_and_grads
 from jax import lax
 
-from simclr_jax import compiler
-from simclr_jax.models import ResNet, conv
+from simclr_jax import cpu
+from simclr_jax.cpu import compiler
+from simclr_jax.cpu import convolution as conv
+from simclr_jax.models import XLA_LAYERS, ResNet
 
 
 def _numpy_input_gradient(dy, kernel, input_shape, stride, padding):
@@ -84,46 +89,62 @@ def test_phase_gradients_are_used_for_strided_convolutions_only():
     assert "custom_vjp" not in jaxpr(1)  # stride 1: XLA's convolution and gradients as they are
 
 
-def test_auto_picks_onednn_for_one_cpu_device_and_phase_gradients_for_several():
-    assert conv.resolve_conv_impl("auto", "cpu", device_count=1) == "onednn"
-    assert conv.resolve_conv_impl("auto", "cpu", device_count=8) == "subpixel_input_grads"
-    assert conv.resolve_conv_impl("auto") == "subpixel_input_grads"  # the tests' 8 CPU devices
-    assert conv.resolve_conv_impl("auto", "gpu") == "xla"
-    assert conv.resolve_conv_impl("auto", "tpu") == "xla"
-    assert conv.resolve_conv_impl("xla", "cpu") == "xla"
+def test_cpu_layers_pick_onednn_for_one_device_and_phase_gradients_for_several():
+    assert cpu.SUBPIXEL_LAYERS.conv_general_dilated is conv.conv_general_dilated
+    assert cpu.layers("auto", device_count=8) is cpu.SUBPIXEL_LAYERS
+    assert cpu.layers("subpixel_input_grads", device_count=1) is cpu.SUBPIXEL_LAYERS
+    assert cpu.layers("xla", device_count=1) is cpu.layers("xla", device_count=8) is XLA_LAYERS
     with pytest.raises(ValueError, match=r"conv_impl 'fast'.*valid values"):
-        conv.resolve_conv_impl("fast")
-    with pytest.raises(ValueError, match="conv_impl"):
-        ResNet(depth=18, conv_impl="fast")
+        cpu.layers("fast")
+    # One device: oneDNN where its extension builds here, else (with a warning) the phases.
+    one_device = cpu.layers("auto", device_count=1)
+    if cpu.extension.unavailable_reason() is None:
+        assert one_device is cpu.ONEDNN_LAYERS
+    else:
+        assert one_device is cpu.SUBPIXEL_LAYERS
 
 
-@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
-def test_resnet_gradients_match_a_float64_reference_in_every_implementation(stem):
+LAYERS = {
+    "xla": XLA_LAYERS,
+    "subpixel_input_grads": cpu.SUBPIXEL_LAYERS,
+    "onednn": cpu.ONEDNN_LAYERS,
+}
+
+
+@functools.cache
+def _float64_reference(stem):
+    """(variables, x, gradients) of a ResNet-18 of base width 4, the gradients in float64."""
     x = jax.random.uniform(jax.random.key(0), (4, 24, 24, 3))
     variables = ResNet(depth=18, base_width=4, stem=stem).init(jax.random.key(1), x, train=False)
-
-    def gradients(model, variables, x):
-        def loss(params):
-            h, _ = model.apply(
-                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
-            )
-            return jnp.sum(h**2)
-
-        return jax.jit(jax.grad(loss))(variables["params"])
-
     with jax.enable_x64(True):
         wide = jax.tree.map(lambda v: np.asarray(v, np.float64), (variables, x))
-        model = ResNet(depth=18, base_width=4, stem=stem, conv_impl="xla", dtype=jnp.float64)
-        reference = jax.tree.map(np.asarray, gradients(model, *wide))
-    for impl in ("xla", "subpixel_input_grads", "onednn"):
-        ours = gradients(ResNet(depth=18, base_width=4, stem=stem, conv_impl=impl), variables, x)
-        assert jax.tree.structure(reference) == jax.tree.structure(ours)
-        for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
-            # float32 rounding, measured against the leaf's largest entry: with the ImageNet
-            # stem the last groups normalise over 4 values, and differences grow on the way back
-            # (all three implementations stay within 7e-5 of it).
-            scale = float(np.abs(want).max())
-            np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-4 * scale, err_msg=impl)
+        model = ResNet(depth=18, base_width=4, stem=stem, layers=XLA_LAYERS, dtype=jnp.float64)
+        reference = jax.tree.map(np.asarray, _gradients(model, *wide))
+    return variables, x, reference
+
+
+def _gradients(model, variables, x):
+    def loss(params):
+        h, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(h**2)
+
+    return jax.jit(jax.grad(loss))(variables["params"])
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_resnet_gradients_match_a_float64_reference_in_every_implementation(stem, name):
+    if name == "onednn":
+        skip_without_extension()
+    variables, x, reference = _float64_reference(stem)
+    ours = _gradients(ResNet(depth=18, base_width=4, stem=stem, layers=LAYERS[name]), variables, x)
+    assert jax.tree.structure(reference) == jax.tree.structure(ours)
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+        # float32 rounding, measured against the leaf's largest entry: with the ImageNet
+        # stem the last groups normalise over 4 values, and differences grow on the way back
+        # (all three implementations stay within 7e-5 of it).
+        scale = float(np.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-4 * scale, err_msg=name)
 
 
 def test_cpu_compiler_options_keep_convolutions_out_of_ynnpack(monkeypatch):
@@ -135,10 +156,10 @@ def test_cpu_compiler_options_keep_convolutions_out_of_ynnpack(monkeypatch):
             lambda k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC).sum()
         )(kernel)
 
-    options = compiler.compiler_options("cpu")
+    options = compiler.compiler_options()
     assert options is not None  # this XLA knows the option
     hlo = jax.jit(kernel_gradient, compiler_options=options).lower(x, kernel).compile().as_text()
     assert "convolution(" in hlo and "__ynn_fusion" not in hlo
-    assert compiler.compiler_options("gpu") is None and compiler.compiler_options("tpu") is None
+    assert cpu.compiler_options() == options  # the package's entry is this function
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
-    assert compiler.compiler_options("cpu") is None  # the user's own choice is left alone
+    assert compiler.compiler_options() is None  # the user's own choice is left alone

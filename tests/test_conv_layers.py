@@ -1,11 +1,12 @@
-"""simclr_jax.conv_layers: the model's convolutions read from its jaxpr, and their timings."""
+"""simclr_jax.cpu.conv_layers: the model's convolutions read from its jaxpr, and their timings."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from simclr_jax import conv_layers
-from simclr_jax.models import ResNet
+from simclr_jax import cpu
+from simclr_jax.cpu import conv_layers
+from simclr_jax.models import XLA_LAYERS, Layers, ResNet
 
 
 def _convolutions(model: ResNet, image_shape: tuple[int, ...]):
@@ -19,7 +20,7 @@ def _convolutions(model: ResNet, image_shape: tuple[int, ...]):
     [(18, "cifar", 21, (3, 3, 1, 4)), (50, "imagenet", 53, (7, 7, 1, 4))],
 )
 def test_every_convolution_is_found_once_per_use(depth, stem, expected_count, stem_kernel):
-    model = ResNet(depth=depth, base_width=4, stem=stem, conv_impl="xla")
+    model = ResNet(depth=depth, base_width=4, stem=stem, layers=XLA_LAYERS)
     convolutions = _convolutions(model, (2, 32, 32, 1))
     # 1 stem + 8 blocks x 2 (or 16 x 3) + one projection shortcut per group.
     assert sum(convolutions.values()) == expected_count
@@ -30,9 +31,10 @@ def test_every_convolution_is_found_once_per_use(depth, stem, expected_count, st
 
 
 def test_timings_cover_each_part_and_sum_to_the_totals():
-    model = ResNet(depth=18, base_width=2, stem="cifar", conv_impl="xla")
+    model = ResNet(depth=18, base_width=2, stem="cifar", layers=XLA_LAYERS)
     convolutions = _convolutions(model, (4, 8, 8, 1))
-    result = conv_layers.time_convolutions(convolutions, "auto", repeats=1)
+    # What the benchmark times for one device: oneDNN's where it builds, else the phases.
+    result = conv_layers.time_convolutions(convolutions, cpu.layers("auto"), repeats=1)
     layers = result["conv_layers"]
     assert len(layers) == len(convolutions)
     for layer in layers:
@@ -42,3 +44,22 @@ def test_timings_cover_each_part_and_sum_to_the_totals():
     for part, total in result["conv_totals_ms"].items():
         summed = sum(layer["count"] * (layer[part] or 0.0) for layer in layers)
         assert total == pytest.approx(summed, abs=0.05 * len(layers))
+
+
+def test_one_convolution_is_timed_with_the_given_layers():
+    """``time_convolution`` runs ``layers.conv_general_dilated``, in all three parts."""
+    convolution = conv_layers.Convolution(
+        (2, 8, 8, 2), (3, 3, 2, 4), (2, 2), ((1, 1), (1, 1)), False
+    )
+    calls = []
+
+    def counting_conv(*args, **kwargs):
+        calls.append(args[2])
+        return cpu.SUBPIXEL_LAYERS.conv_general_dilated(*args, **kwargs)
+
+    layers = Layers(name="counting", conv_general_dilated=counting_conv)
+    timings = conv_layers.time_convolution(convolution, layers, repeats=1)
+    assert set(timings) == {"forward_ms", "input_grad_ms", "kernel_grad_ms"}
+    assert all(ms > 0 for ms in timings.values())
+    # Traced once for the cotangent's shape, and once by each of the three jitted functions.
+    assert calls == [(2, 2)] * 4

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import tiny
 from simclr_jax import encoder, evaluate, parallel, step, trainer
+from simclr_jax.configs import tiny
 from simclr_jax.data import pipeline
 from simclr_jax.evaluation import protocols
+from simclr_jax.experiment import Experiment
 
 # Every protocol sized to a few steps on the tiny run (train[:256], test[:100], 16 px).
 SMALL = {
@@ -100,9 +101,10 @@ def test_exported_encoder_reproduces_the_checkpoint_features(run_dir, tmp_path):
             np.asarray(loaded(images, output)), np.asarray(restored(images, output))
         )
     # The same features as the trainer's batch-sharded embed step on the checkpoint's state.
-    plan = trainer._RunPlan(encoder.read_run_config(str(run_dir)))
     mesh = parallel.data_mesh()
-    state = encoder.restore_state(plan, str(run_dir), mesh)
+    state = encoder.restore_state(
+        Experiment(encoder.read_run_config(str(run_dir)), mesh), str(run_dir)
+    )
     sharded = step.jit_embed_step(mesh)(state, jax.device_put(images, parallel.batch_sharded(mesh)))
     np.testing.assert_allclose(np.asarray(loaded(images)), np.asarray(sharded["h"]), atol=1e-5)
 
@@ -110,10 +112,9 @@ def test_exported_encoder_reproduces_the_checkpoint_features(run_dir, tmp_path):
 def test_features_count_every_example_once_when_batches_do_not_divide(run_dir):
     config = encoder.read_run_config(str(run_dir))
     config.eval_batch_size = 64  # test[:100]: one full batch and one padded with 28 rows
-    plan = trainer._RunPlan(config)
-    mesh = parallel.data_mesh()
-    state = encoder.restore_state(plan, str(run_dir), mesh)
-    extracted = protocols.Run(plan=plan, state=state, mesh=mesh, workdir=str(run_dir)).test
+    plan = Experiment(config, parallel.data_mesh())
+    state = encoder.restore_state(plan, str(run_dir))
+    extracted = protocols.Run(plan, state, str(run_dir)).test
     assert extracted["h"].shape[0] == plan.eval_info.num_examples == 100
     np.testing.assert_array_equal(
         extracted["label"],

@@ -2,8 +2,8 @@
 
 import pytest
 
-from configs import tiny
 from simclr_jax import input_throughput
+from simclr_jax.configs import tiny
 
 
 def test_measures_the_trainers_batches(fashion_mnist_data_dir):

@@ -14,8 +14,11 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
+from jax import lax
 
 from simclr_jax.models import (
+    XLA_LAYERS,
+    Layers,
     LinearProbe,
     ProjectionHead,
     ResNet,
@@ -23,6 +26,7 @@ from simclr_jax.models import (
     resnet_feature_dim,
     simclr_resnet,
 )
+from simclr_jax.models.batch_norm import batch_norm_train
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -426,6 +430,43 @@ def test_bfloat16_computation_keeps_float32_params_and_outputs(tiny):
     h_f32 = tiny.model.apply(tiny.variables, tiny.x, train=False)["h"]
     relative_error = np.linalg.norm(h_bf16 - h_f32) / np.linalg.norm(h_f32)
     assert 0 < relative_error < 0.05
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def test_the_network_computes_with_the_layers_it_is_given(tiny):
+    """Every convolution and every training-mode batch norm goes through ``layers``; the default
+    is XLA's own, and the parameters do not depend on the choice."""
+    assert tiny.encoder.layers == XLA_LAYERS == Layers()
+    assert XLA_LAYERS.conv_general_dilated is lax.conv_general_dilated
+    assert XLA_LAYERS.batch_norm_train is batch_norm_train
+    convs, norms = [], []
+
+    def conv(*args, **kwargs):
+        convs.append(args[2])  # window strides
+        return lax.conv_general_dilated(*args, **kwargs)
+
+    def norm(x, scale, bias, residual, relu, epsilon, dtype):
+        norms.append((residual is not None, relu))
+        return batch_norm_train(x, scale, bias, residual, relu, epsilon, dtype)
+
+    layers = Layers(name="spy", conv_general_dilated=conv, batch_norm_train=norm)
+    model = simclr_resnet(18, 1.0, "cifar", num_classes=5, base_width=4, layers=layers)
+    assert model.encoder.layers is layers
+    variables = jax.eval_shape(lambda: model.init(INIT_KEY, tiny.x, train=False))
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, tiny.variables)
+    assert len(convs) == 21 and norms == []  # 1 stem + 8 blocks x 2 + 4 shortcuts; eval BN
+    convs.clear()
+    jax.eval_shape(
+        lambda v: model.apply(v, tiny.x, train=True, mutable=["batch_stats"]), tiny.variables
+    )
+    assert len(convs) == 21 and convs.count((2, 2)) == 6  # groups 2-4: 3x3/2 and shortcut/2
+    # Stem and first BNs with a ReLU, shortcut BNs alone, each block's last with its residual.
+    assert sorted(norms) == sorted([(False, True)] * 9 + [(False, False)] * 4 + [(True, True)] * 8)
+    # The network's numbers are those of the functions it is given.
+    h = model.apply(tiny.variables, tiny.x, train=False)["h"]
+    np.testing.assert_array_equal(h, tiny.model.apply(tiny.variables, tiny.x, train=False)["h"])
 
 
 # ----------------------------------------------------------------------------- validation

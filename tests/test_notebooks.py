@@ -22,8 +22,8 @@ EXPECTED = {
         "files": ("results.json", "metrics.jsonl", "curves.png", "embedding_tsne.png"),
     },
     "02_cifar10_accelerators.ipynb": {
-        "numbers": ("linear_probe_top1:", "knn_top1:", "time per epoch:"),
-        # configs/tiny.py's global batch of 32 over the 8 test devices (tests/conftest.py).
+        "numbers": ("linear_probe_top1:", "knn_k10_top1:", "time per epoch:"),
+        # simclr_jax/configs/tiny.py global batch of 32 over the 8 test devices (tests/conftest.py).
         "lines": ("global batch 32 = 8 devices × 4 images per device (2 views each)",),
         "files": ("results.json", "metrics.jsonl", "checkpoints"),
     },

@@ -1,4 +1,7 @@
-"""Tests for the oneDNN convolutions (simclr_jax.models.onednn_conv, simclr_jax.native)."""
+"""Tests for the oneDNN convolutions (simclr_jax.cpu.onednn_conv) and the extension that
+computes them (simclr_jax.cpu.extension).
+
+Tests that run the extension skip, naming why, where it cannot be built here."""
 
 import platform
 import subprocess
@@ -8,22 +11,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conv_cases import NHWC, STRIDE_1_CASES, STRIDED_CASES, value_and_grads
+from conv_cases import (
+    NHWC,
+    STRIDE_1_CASES,
+    STRIDED_CASES,
+    skip_without_extension,
+    value_and_grads,
+)
 from jax import lax
 
-from simclr_jax import native, parallel
-from simclr_jax.models import conv, onednn_conv
+from simclr_jax import cpu, kernels, parallel
+from simclr_jax.cpu import convolution as conv
+from simclr_jax.cpu import extension, onednn_conv
+from simclr_jax.cpu.batch_norm import fused_batch_norm_train
 
 if not (sys.platform == "linux" and platform.machine() == "x86_64"):
     pytest.skip("the onednn extra has wheels for x86-64 Linux only", allow_module_level=True)
 
-TARGETS = tuple(native.ONEDNN_CONV_TARGETS)
+TARGETS = tuple(extension.ONEDNN_CONV_TARGETS)
 
 
 @pytest.mark.parametrize(
     ("n", "h", "w", "cin", "cout", "k", "stride", "padding"), STRIDED_CASES + STRIDE_1_CASES
 )
 def test_values_and_gradients_equal_xla(n, h, w, cin, cout, k, stride, padding):
+    skip_without_extension()
     x = jax.random.normal(jax.random.key(0), (n, h, w, cin))
     kernel = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
     (_, y_ref), grads_ref = value_and_grads(lax.conv_general_dilated, x, kernel, stride, padding)
@@ -34,6 +46,7 @@ def test_values_and_gradients_equal_xla(n, h, w, cin, cout, k, stride, padding):
 
 
 def test_the_three_directions_are_onednn_custom_calls():
+    skip_without_extension()
     x, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
     hlo = (
         jax.jit(
@@ -82,6 +95,7 @@ def test_other_convolutions_fall_back_to_the_phase_formulation(dtype, kwargs):
 
 def test_batch_sharded_over_a_mesh_gives_the_same_numbers():
     """Without a sharding rule XLA gathers the operands; the result must still be right."""
+    skip_without_extension()
     mesh = parallel.data_mesh(jax.devices())
     x = jax.random.normal(jax.random.key(0), (16, 9, 9, 3))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
@@ -93,18 +107,20 @@ def test_batch_sharded_over_a_mesh_gives_the_same_numbers():
 
 
 def test_the_built_extension_is_cached(monkeypatch):
-    path = native.build_extension()
+    skip_without_extension()
+    path = extension.build_extension()
 
     def no_compiler(*args, **kwargs):
         raise AssertionError("compiled again although the cache holds the extension")
 
     monkeypatch.setattr(subprocess, "run", no_compiler)
-    assert native.build_extension() == path
+    assert extension.build_extension() == path
 
 
 def test_a_fresh_build_lands_atomically_in_the_cache_dir(monkeypatch, tmp_path):
+    skip_without_extension()
     monkeypatch.setenv("SIMCLR_JAX_CACHE_DIR", str(tmp_path / "cache"))
-    path = native.build_extension()
+    path = extension.build_extension()
     assert path.parent == tmp_path / "cache" and path.is_file()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial file left
     loaded = subprocess.run(
@@ -117,23 +133,30 @@ def test_a_fresh_build_lands_atomically_in_the_cache_dir(monkeypatch, tmp_path):
 
 def test_missing_onednn_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("SIMCLR_JAX_ONEDNN_ROOT", str(tmp_path))
-    with pytest.raises(native.NativeUnavailableError, match=r"SIMCLR_JAX_ONEDNN_ROOT"):
-        native.build_extension()
+    with pytest.raises(extension.NativeUnavailableError, match=r"SIMCLR_JAX_ONEDNN_ROOT"):
+        extension.build_extension()
 
 
 def test_a_failing_compiler_is_reported(monkeypatch, tmp_path):
+    skip_without_extension()
     monkeypatch.setenv("SIMCLR_JAX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "c++ -DNOT_A_FLAG_FOR_ME=1 --no-such-option")
-    with pytest.raises(native.NativeUnavailableError, match=r"compiling the extension failed"):
-        native.build_extension()
+    with pytest.raises(extension.NativeUnavailableError, match=r"compiling the extension failed"):
+        extension.build_extension()
     assert not list(tmp_path.iterdir())
 
 
 def test_explicit_onednn_fails_early_where_it_cannot_run(monkeypatch):
-    with pytest.raises(ValueError, match=r"CPU backend only"):
-        conv.resolve_conv_impl("onednn", "gpu")
-    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler found")
+    with pytest.raises(ValueError, match=r"CPU programs only.*'gpu'"):
+        kernels.for_platform("onednn", "gpu", 1)
+    monkeypatch.setattr(extension, "unavailable_reason", lambda: "no C++ compiler found")
     with pytest.raises(ValueError, match=r"unavailable: no C\+\+ compiler found"):
-        conv.resolve_conv_impl("onednn", "cpu")
+        cpu.layers("onednn")
     # "auto" falls back to the per-phase gradients instead.
-    assert conv.resolve_conv_impl("auto", "cpu", device_count=1) == "subpixel_input_grads"
+    assert cpu.layers("auto", device_count=1) is cpu.SUBPIXEL_LAYERS
+
+
+def test_onednn_layers_are_these_convolutions_and_the_fused_batch_norm():
+    assert cpu.ONEDNN_LAYERS.conv_general_dilated is onednn_conv.conv_general_dilated
+    assert cpu.ONEDNN_LAYERS.batch_norm_train is fused_batch_norm_train
+    assert cpu.ONEDNN_LAYERS.name == "onednn"

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny
-from simclr_jax import reconstruction, step, trainer
+from simclr_jax import experiment, reconstruction, step, trainer
+from simclr_jax.configs import tiny
 from simclr_jax.models import ProjectionHead, SimCLR, decoder
 
 IMAGE_SHAPE = (16, 16, 1)
@@ -202,4 +202,4 @@ def test_unknown_decoder_is_rejected():
     config = tiny.get_config()
     config.hybrid.decoder = "gan"
     with pytest.raises(ValueError, match=r"hybrid\.decoder"):
-        trainer.build_model(config, num_classes=10)
+        experiment.build_model(config, num_classes=10)

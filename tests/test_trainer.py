@@ -11,8 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
 from simclr_jax import checkpointing, parallel, reporting, trainer
+from simclr_jax.configs import tiny
+from simclr_jax.data import pipeline
+from simclr_jax.experiment import Experiment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,8 +28,8 @@ def config(fashion_mnist_data_dir):
 
 def _final_params(config, workdir):
     """Parameters of the latest checkpoint in ``workdir``, restored on one device."""
-    plan = trainer._RunPlan(config)
-    template = jax.device_put(plan.initial_state(0), parallel.replicated(parallel.data_mesh()))
+    mesh = parallel.data_mesh()
+    template = jax.device_put(Experiment(config, mesh).initial_state(0), parallel.replicated(mesh))
     with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
         state, _ = ckpt.restore(template)
     return int(state.step), jax.device_get(state.params)
@@ -37,7 +39,8 @@ def test_tiny_run_writes_checkpoints_metrics_and_results(config, tmp_path):
     config.eval_every_steps = 4
     results = trainer.train_and_evaluate(config, str(tmp_path))
 
-    for key in ("linear_probe_top1", "knn_top1", "online_probe_top1"):
+    assert results["kernels"] == "subpixel_input_grads"  # a CPU program on 8 (fake) devices
+    for key in ("linear_probe_top1", "knn_k10_top1", "online_probe_top1"):
         assert 0.0 <= results[key] <= 1.0, key
     for key in ("baseline_raw_pixels_top1", "baseline_random_encoder_top1"):
         assert 0.0 <= results[key] <= 1.0, key
@@ -54,7 +57,7 @@ def test_tiny_run_writes_checkpoints_metrics_and_results(config, tmp_path):
         assert 0.0 <= record["data_wait_fraction"] <= 1.0
     (eval_record,) = [r for r in records if "loss" not in r]  # every 4 steps, not at the end
     assert eval_record["step"] == 4
-    assert 0.0 <= eval_record["eval_knn_top1"] <= 1.0
+    assert 0.0 <= eval_record["eval_knn_k10_top1"] <= 1.0
     assert 0.0 <= eval_record["eval_online_probe_top1"] <= 1.0
     assert json.loads((tmp_path / "config.json").read_text())["model"]["base_width"] == 4
     assert list((tmp_path / "tensorboard").iterdir()), "no TensorBoard event file"
@@ -97,7 +100,7 @@ def test_resume_after_sigterm_reproduces_an_uninterrupted_run(config, tmp_path, 
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(config, tmp_path, monkeypatch):
-    pretrain_batches = trainer.pipeline.pretrain_batches
+    pretrain_batches = pipeline.pretrain_batches
 
     def poisoned_after_five(*args, **kwargs):
         for i, batch in enumerate(pretrain_batches(*args, **kwargs)):
@@ -105,7 +108,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(config, tmp_path, m
                 batch = {**batch, "views": np.full_like(batch["views"], np.nan)}
             yield batch
 
-    monkeypatch.setattr(trainer.pipeline, "pretrain_batches", poisoned_after_five)
+    monkeypatch.setattr(pipeline, "pretrain_batches", poisoned_after_five)
     with pytest.raises(
         trainer.TrainingDivergedError, match=r"at step 6; the last good checkpoint is step 4"
     ):
@@ -173,7 +176,7 @@ def _cli(*args):
 
 
 def test_cli_rejects_a_misspelt_config_field(tmp_path):
-    result = _cli("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.temprature=0.2")
+    result = _cli("--config=tiny", f"--workdir={tmp_path}", "--config.temprature=0.2")
     assert result.returncode != 0
     assert "temprature" in result.stderr
     assert "Traceback" not in result.stderr
@@ -187,7 +190,7 @@ def test_cli_rejects_a_misspelt_field_of_the_default_config(tmp_path):
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):
-    result = _cli("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.dataset=cifar_10")
+    result = _cli("--config=tiny", f"--workdir={tmp_path}", "--config.dataset=cifar_10")
     assert result.returncode == 1
     assert "cifar10" in result.stderr
     assert "Traceback" not in result.stderr

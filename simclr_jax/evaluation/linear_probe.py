@@ -32,8 +32,7 @@ from simclr_jax.evaluation import subsets
 DEFAULT_L2_GRID = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 # The path stops once this many consecutive ℓ2 values have not beaten the best held-out accuracy:
-# past its peak the accuracy seldom recovers, and the weakest penalties are the slowest fits (on
-# 784 raw Fashion-MNIST pixels the two after the stop took 45 of the probe's 104 s).
+# past its peak the accuracy seldom recovers, and the weakest penalties are the slowest fits.
 DEFAULT_PATIENCE = 2
 
 # A feature whose standard deviation is below this fraction of max(|mean|, 1) is treated as

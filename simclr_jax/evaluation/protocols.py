@@ -1,8 +1,10 @@
-"""The evaluation protocols of ``python -m simclr_jax.evaluate``, on a restored pretraining run.
+"""The evaluation protocols, on a pretraining run's state: one path for every evaluation.
 
 Each protocol takes a :class:`Run` and returns a JSON-serialisable dict (accuracies are
-fractions in [0, 1]); :func:`summary_rows` turns results into the terminal table's rows. Sizes
-(epochs, batch sizes, label budgets, ...) come from ``config.evaluation`` (``configs/default.py``).
+fractions in [0, 1]). ``python -m simclr_jax.evaluate`` runs :data:`PROTOCOLS` on a restored run;
+the trainer calls :func:`end_of_run` after pretraining and :func:`monitor` during it.
+:func:`summary_rows` turns results into the terminal table's rows. Sizes (epochs, batch sizes,
+label budgets, k, ...) come from ``config.evaluation`` (``simclr_jax/configs/default.py``).
 """
 
 import dataclasses
@@ -17,7 +19,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from simclr_jax import encoder as encoder_lib
-from simclr_jax import parallel, plots, step, trainer, visualize
+from simclr_jax import experiment as experiment_lib
+from simclr_jax import parallel, plots, step, visualize
 from simclr_jax.data import pipeline
 from simclr_jax.evaluation import knn, linear_probe, subsets, supervised
 from simclr_jax.evaluation.features import extract_features
@@ -25,30 +28,41 @@ from simclr_jax.evaluation.features import extract_features
 
 @dataclasses.dataclass
 class Run:
-    """A pretraining run restored for evaluation: its plan (config, data, model), its state on
-    ``mesh``, and the directory the results go to (``WORKDIR/eval``)."""
+    """A pretraining run's state to evaluate: its experiment (config, data, model, mesh), its
+    state on the experiment's mesh, and its workdir (the results go to ``WORKDIR/eval``; None
+    for evaluations that write no files)."""
 
-    plan: "trainer._RunPlan"
+    experiment: experiment_lib.Experiment
     state: step.TrainState
-    mesh: Mesh
-    workdir: str
+    workdir: str | None = None
     _features: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
 
     @property
     def config(self):
-        return self.plan.config
+        return self.experiment.config
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.experiment.mesh
 
     @property
     def output_dir(self) -> str:
+        if self.workdir is None:
+            raise ValueError("this evaluation writes files, and its run has no workdir.")
         path = os.path.join(self.workdir, "eval")
         os.makedirs(path, exist_ok=True)
         return path
 
     def features(self, split: str) -> dict[str, np.ndarray]:
-        """``{"h", "label"}`` of every example of ``split`` (extracted once, then reused)."""
+        """``{"h", "logits", "label"}`` of every example of ``split`` (extracted once, then
+        reused)."""
         if split not in self._features:
             self._features[split] = extract_features(
-                step.jit_embed_step(self.mesh), self.state, self.plan.eval_batches(split), self.mesh
+                step.jit_embed_step(self.mesh),
+                self.state,
+                self.experiment.eval_batches(split),
+                self.mesh,
+                ("h", "logits"),
             )
         return self._features[split]
 
@@ -67,31 +81,37 @@ class Run:
             self.config.probe_train_split,
             indices,
             host_batch_size=batch_size // jax.process_count(),
-            image_size=self.plan.image_size,
+            image_size=self.experiment.image_size,
             seed=seed,
-            **self.plan.data_kwargs,
+            **self.experiment.data_kwargs,
         )
 
     @functools.cached_property
     def train_labels(self) -> np.ndarray:
         return pipeline.split_labels(
-            self.config.dataset, self.config.probe_train_split, **self.plan.data_kwargs
+            self.config.dataset, self.config.probe_train_split, **self.experiment.data_kwargs
         )
+
+
+def _logistic_regression(run: Run, train, test, key: str = "h") -> dict[str, Any]:
+    """The L-BFGS linear probe on ``train[key]``, scored on ``test[key]`` (ℓ2 chosen on a
+    held-out part of ``train``)."""
+    return linear_probe.linear_probe_accuracy(
+        train[key],
+        train["label"],
+        test[key],
+        test["label"],
+        num_classes=run.experiment.num_classes,
+        holdout_fraction=run.config.linear_probe_holdout_fraction,
+        patience=run.config.linear_probe_patience,
+        seed=run.config.evaluation.seed,
+    )
 
 
 def linear(run: Run) -> dict[str, Any]:
     """Linear evaluation on frozen ``h``: (a) L-BFGS logistic regression on extracted features
     (ℓ2 chosen on held-out train examples), (b) the paper's SGD linear head on crop+flip views."""
-    lbfgs = linear_probe.linear_probe_accuracy(
-        run.train["h"],
-        run.train["label"],
-        run.test["h"],
-        run.test["label"],
-        num_classes=run.plan.num_classes,
-        holdout_fraction=run.config.linear_probe_holdout_fraction,
-        patience=run.config.linear_probe_patience,
-        seed=run.config.evaluation.seed,
-    )
+    lbfgs = _logistic_regression(run, run.train, run.test)
     settings = run.config.evaluation.linear_sgd
     indices = subsets.fraction_subset(run.train_labels, 1.0, run.config.evaluation.seed)
     sgd = _train_classifier(
@@ -107,21 +127,25 @@ def linear(run: Run) -> dict[str, Any]:
     return {"lbfgs": lbfgs, "sgd": sgd}
 
 
+def _knn(run: Run, k: int, temperature: float | None) -> float:
+    return knn.knn_accuracy(
+        run.train["h"],
+        run.train["label"],
+        run.test["h"],
+        run.test["label"],
+        num_classes=run.experiment.num_classes,
+        k=k,
+        temperature=temperature,
+    )
+
+
 def knn_protocol(run: Run) -> dict[str, Any]:
     """kNN on cosine similarity of ``h``: each k with majority and exp(sim / T) votes."""
     results = {}
     for k in run.config.evaluation.knn_ks:
         for temperature in (None, run.config.evaluation.knn_temperature):
             name = f"k={k} " + ("majority" if temperature is None else f"T={temperature:g}")
-            results[name] = knn.knn_accuracy(
-                run.train["h"],
-                run.train["label"],
-                run.test["h"],
-                run.test["label"],
-                num_classes=run.plan.num_classes,
-                k=k,
-                temperature=temperature,
-            )
+            results[name] = _knn(run, k, temperature)
     return results
 
 
@@ -139,7 +163,7 @@ def label_budget(run: Run) -> dict[str, Any]:
             train["label"][indices],
             run.test["h"],
             run.test["label"],
-            num_classes=run.plan.num_classes,
+            num_classes=run.experiment.num_classes,
             # ℓ2 is chosen on labelled examples only: at least one of each class is held out.
             holdout_fraction=max(run.config.linear_probe_holdout_fraction, 1 / n),
             patience=run.config.linear_probe_patience,
@@ -195,8 +219,8 @@ def _train_classifier(
     steps = supervised.num_steps(len(indices), epochs, batch_size)
     learning_rate = supervised.cosine_learning_rate(base_learning_rate, batch_size, steps)
     classifier = supervised.classifier_for(
-        run.plan.model,
-        run.plan.num_classes,
+        run.experiment.model,
+        run.experiment.num_classes,
         head_layers=head_layers,
         frozen_encoder=frozen_encoder,
     )
@@ -204,7 +228,7 @@ def _train_classifier(
     state = supervised.initial_state(
         classifier,
         jax.random.key(seed),
-        run.plan.image_shape,
+        run.experiment.image_shape,
         learning_rate,
         pretrained=variables if pretrained else None,
     )
@@ -213,7 +237,7 @@ def _train_classifier(
         state,
         run.labelled_batches(indices, batch_size, seed),
         steps,
-        run.plan.eval_batches(run.config.eval_split),
+        run.experiment.eval_batches(run.config.eval_split),
         run.mesh,
     )
     return {**result, "steps": steps, "seconds": time.perf_counter() - started}
@@ -222,7 +246,7 @@ def _train_classifier(
 def export(run: Run) -> dict[str, Any]:
     """Writes the encoder (no optimiser state) to ``WORKDIR/eval/encoder.msgpack``."""
     exported = encoder_lib.from_state(
-        run.state, run.config, run.plan.num_classes, run.plan.image_shape
+        run.state, run.config, run.experiment.num_classes, run.experiment.image_shape
     )
     path = os.path.join(run.output_dir, "encoder.msgpack")
     if jax.process_index() == 0:
@@ -263,13 +287,13 @@ def pictures(run: Run) -> dict[str, Any]:
             run.config.dataset,
             run.config.train_split,
             host_batch_size=settings.view_pairs,
-            augment_config=trainer.augment_config(run.config, run.plan.image_size),
+            augment_config=experiment_lib.augment_config(run.config, run.experiment.image_size),
             seed=settings.seed,
             cache=False,
             shuffle_buffer=1024,
             process_index=0,
             process_count=1,
-            **run.plan.data_kwargs,
+            **run.experiment.data_kwargs,
         )
     )["views"]
     columns = 2 * int(np.ceil(np.sqrt(settings.view_pairs)))  # pairs side by side
@@ -285,9 +309,9 @@ def pictures(run: Run) -> dict[str, Any]:
     read = functools.partial(
         pipeline.examples_at,
         run.config.dataset,
-        image_size=run.plan.image_size,
+        image_size=run.experiment.image_size,
         center_crop_fraction=run.config.eval_center_crop or None,
-        **run.plan.data_kwargs,
+        **run.experiment.data_kwargs,
     )
     query_images = read(run.config.eval_split, queries)
     neighbour_images = read(run.config.probe_train_split, neighbours.reshape(-1))
@@ -300,6 +324,57 @@ def pictures(run: Run) -> dict[str, Any]:
     )
     visualize.save_image_grid(paths["retrieval"], grid, scale=3)
     return paths
+
+
+def monitor(run: Run) -> dict[str, float]:
+    """The cheap evaluations, for use during training: the online probe's top-1 and weighted kNN
+    (``evaluation.knn_temperature``) at each of ``evaluation.knn_ks``, on the eval split."""
+    test = run.test
+    results = {
+        "online_probe_top1": float(linear_probe.top_k_accuracy(test["logits"], test["label"], 1))
+    }
+    for k in run.config.evaluation.knn_ks:
+        results[f"knn_k{k}_top1"] = _knn(run, k, run.config.evaluation.knn_temperature)
+    return results
+
+
+def baselines(run: Run) -> dict[str, float]:
+    """The same L-BFGS probe on raw pixels and on a randomly initialised encoder of the same
+    network: what the representation must beat."""
+    config, mesh = run.config, run.mesh
+    random_state = jax.device_put(
+        run.experiment.initial_state(config.seed + 1), parallel.replicated(mesh)
+    )
+    random_encoder = Run(run.experiment, random_state)
+    pixels = jax.jit(
+        lambda _, images: {"pixels": images.reshape(images.shape[0], -1)},
+        out_shardings=parallel.batch_sharded(mesh),
+    )
+
+    def raw_pixels(split: str) -> dict[str, np.ndarray]:
+        return extract_features(pixels, None, run.experiment.eval_batches(split), mesh, ("pixels",))
+
+    raw_train, raw_test = raw_pixels(config.probe_train_split), raw_pixels(config.eval_split)
+    return {
+        "baseline_random_encoder_top1": float(
+            _logistic_regression(random_encoder, random_encoder.train, random_encoder.test)["top1"]
+        ),
+        "baseline_raw_pixels_top1": float(
+            _logistic_regression(run, raw_train, raw_test, "pixels")["top1"]
+        ),
+    }
+
+
+def end_of_run(run: Run) -> dict[str, float]:
+    """What the trainer reports after pretraining: the L-BFGS linear probe on ``h``, the
+    :func:`monitor` metrics and, with ``config.compute_baselines``, the :func:`baselines`."""
+    results = {
+        **monitor(run),
+        "linear_probe_top1": float(_logistic_regression(run, run.train, run.test)["top1"]),
+    }
+    if run.config.compute_baselines:
+        results.update(baselines(run))
+    return results
 
 
 PROTOCOLS: dict[str, Callable[[Run], dict[str, Any]]] = {

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from simclr_jax import compiler, parallel, step
+from simclr_jax import kernels, parallel, step
 from simclr_jax.evaluation import features as feature_extraction
 from simclr_jax.evaluation.linear_probe import top_k_accuracy
 from simclr_jax.models import SimCLR
@@ -124,7 +124,7 @@ def _jit_train_step(mesh: Mesh):
         in_shardings=(replicated, parallel.batch_sharded(mesh)),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
-        compiler_options=compiler.compiler_options(),
+        compiler_options=kernels.compiler_options(mesh),
     )
 
 
@@ -138,7 +138,7 @@ def _jit_logits(mesh: Mesh):
         logits,
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
         out_shardings=parallel.batch_sharded(mesh),
-        compiler_options=compiler.compiler_options(),
+        compiler_options=kernels.compiler_options(mesh),
     )
 
 

@@ -1,10 +1,13 @@
 """Flax models: ResNet encoders, the projection head, the online probe and the SimCLR network."""
 
 from simclr_jax.models.heads import LinearProbe, ProjectionHead
+from simclr_jax.models.layers import XLA_LAYERS, Layers
 from simclr_jax.models.resnet import ResNet, resnet_feature_dim
 from simclr_jax.models.simclr import SimCLR, simclr_resnet
 
 __all__ = [
+    "XLA_LAYERS",
+    "Layers",
     "LinearProbe",
     "ProjectionHead",
     "ResNet",

@@ -15,6 +15,9 @@ The architecture follows the official SimCLR TF2 ResNet:
   BN is one layer with the ReLU and residual add after it (`batch_norm.BatchNorm`, the variables
   and numbers of `flax.linen.BatchNorm`).
 
+The network receives its kernels (`layers.Layers`: the convolution and batch-norm functions) and
+never chooses them itself.
+
 Batch norm is computed over the whole array it is given (`axis_name=None`). Under `jax.jit` with a
 batch-sharded global array this is the global batch, which is what SimCLR needs; no collectives
 are written here.
@@ -27,8 +30,8 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from simclr_jax.models import conv as conv_lib
 from simclr_jax.models.batch_norm import BatchNorm
+from simclr_jax.models.layers import XLA_LAYERS, Layers
 
 _CONV_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 _STEMS = ("imagenet", "cifar")
@@ -80,13 +83,15 @@ def resnet_feature_dim(depth: int, width_multiplier: float = 1.0, base_width: in
 
 
 def _conv(
-    features: int, kernel_size: int, strides: int, *, dtype: Any, conv_impl: str, name: str
+    features: int,
+    kernel_size: int,
+    strides: int,
+    *,
+    dtype: Any,
+    conv_general_dilated: Callable[..., Any],
+    name: str,
 ) -> nn.Conv:
-    """A bias-free square convolution with the official symmetric (k-1)/2 padding.
-
-    ``conv_impl`` is a resolved one: ``"xla"``, ``"subpixel_input_grads"`` or ``"onednn"`` (see
-    :func:`simclr_jax.models.conv.resolve_conv_impl`).
-    """
+    """A bias-free square convolution with the official symmetric (k-1)/2 padding."""
     pad_before = (kernel_size - 1) // 2
     padding = (pad_before, kernel_size - 1 - pad_before)
     return nn.Conv(
@@ -97,7 +102,7 @@ def _conv(
         use_bias=False,
         kernel_init=_CONV_INIT,
         dtype=dtype,
-        conv_general_dilated=conv_lib.conv_function(conv_impl),
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 
@@ -173,13 +178,9 @@ class ResNet(nn.Module):
       bn_epsilon: BN variance epsilon.
       dtype: computation dtype of convolutions and BN (e.g. jnp.bfloat16); parameters and BN
         statistics stay float32, and h is returned in float32.
-      conv_impl: how convolutions are computed: "xla", "subpixel_input_grads" (input gradients
-        of strided convolutions per output phase, several times faster on XLA:CPU), "onednn"
-        (oneDNN's convolutions and gradients through XLA custom calls, with every batch norm
-        fused with the ReLU and residual add after it in the library's CPU kernels; CPU only)
-        or "auto" (onednn for single-device CPU programs where it builds, else
-        subpixel_input_grads on the CPU backend, xla elsewhere); same parameters and, within
-        float32 rounding, the same numbers.
+      layers: the convolution and batch-norm functions (`layers.Layers`; default XLA's own,
+        right on every platform; `simclr_jax.kernels.for_mesh` picks faster ones for a mesh).
+        Every choice has the same parameters and, within float32 rounding, the same numbers.
 
     Parameters live under `stem_conv`, `stem_bn` and `group{g}_block{b}` (1-based); inside a
     block: `conv1`, `bn1`, ... and `shortcut_conv`, `shortcut_bn`. Every BN scale/bias is 1-D
@@ -193,11 +194,10 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
-    conv_impl: str = "auto"
+    layers: Layers = XLA_LAYERS
 
     def __post_init__(self) -> None:
         _layout(self.depth)
-        conv_lib.resolve_conv_impl(self.conv_impl)
         _base_group_width(self.base_width, self.width_multiplier)
         if self.stem not in _STEMS:
             raise ValueError(f"Unknown stem {self.stem!r}; valid stems: {list(_STEMS)}.")
@@ -207,15 +207,16 @@ class ResNet(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         layout = _layout(self.depth)
         width = _base_group_width(self.base_width, self.width_multiplier)
-        conv_impl = conv_lib.resolve_conv_impl(self.conv_impl)
-        conv = functools.partial(_conv, dtype=self.dtype, conv_impl=conv_impl)
+        conv = functools.partial(
+            _conv, dtype=self.dtype, conv_general_dilated=self.layers.conv_general_dilated
+        )
         norm = functools.partial(
             BatchNorm,
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
-            native_kernels=conv_impl == "onednn",
+            train_fn=self.layers.batch_norm_train,
         )
 
         if self.stem == "imagenet":

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from simclr_jax.models.heads import LinearProbe, ProjectionHead
+from simclr_jax.models.layers import XLA_LAYERS, Layers
 from simclr_jax.models.resnet import ResNet
 
 
@@ -58,10 +59,11 @@ def simclr_resnet(
     projection_dim: int = 128,
     base_width: int = 64,
     dtype: Any = jnp.float32,
-    conv_impl: str = "auto",
+    layers: Layers = XLA_LAYERS,
     reconstruction_head: nn.Module | None = None,
 ) -> SimCLR:
-    """SimCLR with a `ResNet` encoder and the official `ProjectionHead` (hidden width = d)."""
+    """SimCLR with a `ResNet` encoder (computing with `layers`) and the official `ProjectionHead`
+    (hidden width = d)."""
     return SimCLR(
         encoder=ResNet(
             depth=depth,
@@ -69,7 +71,7 @@ def simclr_resnet(
             base_width=base_width,
             stem=stem,
             dtype=dtype,
-            conv_impl=conv_impl,
+            layers=layers,
         ),
         projection_head=ProjectionHead(
             num_layers=projection_layers, output_dim=projection_dim, dtype=dtype

@@ -4,7 +4,8 @@
 its jaxpr (input and kernel shapes, strides, padding, how many times each occurs), so it follows
 any depth, stem or width. :func:`time_convolutions` compiles each one three ways, as the
 training step needs it (the forward pass, the input gradient and the kernel gradient), with the
-library's ``conv_impl`` and compiler options, and reports milliseconds and GFLOP/s per part.
+given layers' convolution and the CPU compiler options, and reports milliseconds and GFLOP/s per
+part.
 The input gradient of a convolution that reads the images themselves is never computed in
 training, so it is not timed. ``python -m simclr_jax.benchmark --conv-layers`` prints the table.
 """
@@ -17,8 +18,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from simclr_jax import compiler, timing
-from simclr_jax.models import conv
+from simclr_jax import timing
+from simclr_jax.cpu import compiler
+from simclr_jax.cpu.convolution import NHWC
+from simclr_jax.models.layers import Layers
 
 
 class Convolution(NamedTuple):
@@ -72,15 +75,14 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def time_convolution(
-    convolution: Convolution, conv_impl: str, dtype: Any = jnp.float32, repeats: int = 5
+    convolution: Convolution, layers: Layers, dtype: Any = jnp.float32, repeats: int = 5
 ) -> dict[str, float | None]:
-    """Median milliseconds of the forward pass, input gradient and kernel gradient."""
-    conv_fn = conv.conv_function(conv_impl)
+    """Median milliseconds of the forward pass, input gradient and kernel gradient, computed by
+    ``layers.conv_general_dilated``."""
+    conv_fn = layers.conv_general_dilated
 
     def forward(x, kernel):
-        return conv_fn(
-            x, kernel, convolution.strides, convolution.padding, dimension_numbers=conv.NHWC
-        )
+        return conv_fn(x, kernel, convolution.strides, convolution.padding, dimension_numbers=NHWC)
 
     x = jax.random.uniform(jax.random.key(0), convolution.input_shape, dtype)
     kernel = jax.random.normal(jax.random.key(1), convolution.kernel_shape, dtype)
@@ -118,17 +120,17 @@ def _gflop(convolution: Convolution) -> float:
 
 def time_convolutions(
     convolutions: collections.Counter[Convolution],
-    conv_impl: str,
+    layers: Layers,
     dtype: Any = jnp.float32,
     repeats: int = 5,
 ) -> dict[str, Any]:
     """Per-layer records (shapes, count, GFLOP, ms and GFLOP/s per part) and the step's totals:
     each part's milliseconds summed over every convolution of the model, counts included."""
-    layers, totals = [], {"forward_ms": 0.0, "input_grad_ms": 0.0, "kernel_grad_ms": 0.0}
+    records, totals = [], {"forward_ms": 0.0, "input_grad_ms": 0.0, "kernel_grad_ms": 0.0}
     for convolution, count in convolutions.items():
-        timings = time_convolution(convolution, conv_impl, dtype, repeats)
+        timings = time_convolution(convolution, layers, dtype, repeats)
         gflop = _gflop(convolution)
-        layers.append(
+        records.append(
             {
                 "input": list(convolution.input_shape),
                 "kernel": list(convolution.kernel_shape),
@@ -146,4 +148,4 @@ def time_convolutions(
         )
         for name, ms in timings.items():
             totals[name] += count * (ms or 0.0)
-    return {"conv_layers": layers, "conv_totals_ms": {k: round(v, 1) for k, v in totals.items()}}
+    return {"conv_layers": records, "conv_totals_ms": {k: round(v, 1) for k, v in totals.items()}}

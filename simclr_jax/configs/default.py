@@ -1,7 +1,8 @@
 """Every field of a simclr_jax run, with its meaning; recipe configs override a few of them.
 
-Run:  python -m simclr_jax.train --config=configs/default.py --workdir=/tmp/simclr
-Recipes (`configs/*.py`) start from `get_config()` here and state their command and result.
+Run:  python -m simclr_jax.train --config=default --workdir=/tmp/simclr
+Recipes (the other modules of `simclr_jax.configs`) start from `get_config()` here and state
+their command and result.
 """
 
 import ml_collections
@@ -47,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     # "auto": oneDNN's convolutions and the library's fused batch-norm kernels for a
     # single-device CPU program (the onednn extra), else strided convolutions' input gradients
     # per output phase on CPU; XLA's own convolutions on GPU/TPU. "xla", "subpixel_input_grads"
-    # or "onednn" force one (models/conv.py).
+    # or "onednn" force one (simclr_jax.kernels; chosen for the platform the step is compiled for).
     config.model.conv_impl = "auto"
 
     # --- Objective -------------------------------------------------------------------------
@@ -81,21 +82,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
-    config.eval_every_steps = 0  # > 0: kNN + online probe during training as well
+    config.eval_every_steps = 0  # > 0: weighted kNN + online probe during training as well
 
     # --- Evaluation ---------------------------------------------------------------------------
     config.eval_batch_size = 1024
-    config.knn_k = 200
-    config.knn_temperature = 0.0  # > 0: votes weighted by exp(sim / T); 0 = majority vote
     config.linear_probe_holdout_fraction = 0.1  # part of the train split that picks the ℓ2
     config.linear_probe_patience = 2  # stop the ℓ2 path after this many values without gain
     config.compute_baselines = True  # raw-pixel and random-encoder linear probes
-    config.evaluate_at_end = True  # False: train only; results.json then holds no accuracies
+    # At the end of training: the linear probe, the online probe and weighted kNN at each
+    # evaluation.knn_ks (the protocols below). False: train only, no accuracies in results.json.
+    config.evaluate_at_end = True
 
     # --- Evaluation suite: python -m simclr_jax.evaluate (SimCLR §6) -----------------------------
     config.evaluation = ml_collections.ConfigDict()
     config.evaluation.seed = 0  # fixes the label subsets, SGD streams and picture samples
-    config.evaluation.knn_ks = (20, 200)  # each k with a majority and a weighted vote
+    config.evaluation.knn_ks = (20, 200)  # kNN protocol: each k, majority and weighted votes
     config.evaluation.knn_temperature = 0.07  # T of the weighted vote exp(sim / T)
     config.evaluation.label_budgets = (10, 20, 50, 100, 200, 500)  # labels per class (L-BFGS)
     # Linear head on the frozen encoder, Nesterov SGD on crop+flip views (paper's ImageNet eval).

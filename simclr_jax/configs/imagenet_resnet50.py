@@ -3,13 +3,13 @@
 B=4096, LARS with lr 0.3×B/256 = 4.8, weight decay 1e-6, 100 epochs with 10 warm-up epochs,
 τ=0.1, colour strength 1.0, blur, 224 px; eval: centre crop 87.5%.
 
-Run:   python -m simclr_jax.train --config=configs/imagenet_resnet50.py --workdir=gs://.../r50
+Run:   python -m simclr_jax.train --config=imagenet_resnet50 --workdir=gs://.../r50
 Needs: imagenet2012 prepared for TFDS (manual download), a TPU pod slice or many GPUs.
 Expect: linear evaluation ≈64.6% top-1 after 100 epochs (paper Table B.1); 69.3% after 1000
 epochs (paper Table 6: `--config.epochs=1000`).
 """
 
-from configs import default
+from simclr_jax.configs import default
 
 
 def get_config():

@@ -1,13 +1,13 @@
 """STL-10, ResNet-18 at 96 px, pretrained on the 100k `unlabelled` split.
 
-Run:   python -m simclr_jax.train --config=configs/stl10_resnet18.py --workdir=workdirs/stl10_r18
+Run:   python -m simclr_jax.train --config=stl10_resnet18 --workdir=workdirs/stl10_r18
 Needs: network access once (TFDS downloads stl10, 2.6 GB), an accelerator.
 Expect: logistic regression on frozen features with all 500 labels per class ≈81% top-1
 (10/20/50/100/200/500 labels per class: 62.2/68.5/73.7/76.8/79.0/81.1%, a published JAX
 tutorial's ResNet-18 after 500 epochs with the same protocol).
 """
 
-from configs import default
+from simclr_jax.configs import default
 
 
 def get_config():

@@ -107,7 +107,12 @@ def build_extension() -> pathlib.Path:
             f"cannot write the extension cache {target.parent}: {error}"
         ) from error
     try:
-        result = subprocess.run([*command, "-o", partial], capture_output=True, text=True)
+        try:
+            result = subprocess.run([*command, "-o", partial], capture_output=True, text=True)
+        except OSError as error:  # e.g. $CXX names a compiler that is not there
+            raise NativeUnavailableError(
+                f"cannot run the C++ compiler {command[0]}: {error}"
+            ) from error
         if result.returncode != 0:
             raise NativeUnavailableError(
                 f"compiling the extension failed:\n{result.stderr[-2000:]}"

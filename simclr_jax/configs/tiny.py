@@ -1,10 +1,10 @@
 """A few steps of a very small model on slices of Fashion-MNIST: for tests and smoke checks.
 
-Run:  python -m simclr_jax.train --config=configs/tiny.py --workdir=/tmp/simclr_tiny
+Run:  python -m simclr_jax.train --config=tiny --workdir=/tmp/simclr_tiny
 Expect: finishes in well under a minute on a CPU; accuracies are meaningless.
 """
 
-from configs import default
+from simclr_jax.configs import default
 
 
 def get_config():
@@ -28,6 +28,6 @@ def get_config():
     config.log_every_steps = 2
     config.checkpoint_every_steps = 4
     config.eval_batch_size = 64
-    config.knn_k = 10
+    config.evaluation.knn_ks = (10,)
     config.shuffle_buffer = 256
     return config

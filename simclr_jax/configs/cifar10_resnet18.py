@@ -1,12 +1,12 @@
 """CIFAR-10, ResNet-18 (CIFAR stem): the official SimCLR repository's CIFAR-10 recipe.
 
-Run:   python -m simclr_jax.train --config=configs/cifar10_resnet18.py --workdir=workdirs/c10_r18
+Run:   python -m simclr_jax.train --config=cifar10_resnet18 --workdir=workdirs/c10_r18
 Needs: network access once (TFDS downloads cifar10), an accelerator for the 1000 epochs.
 Expect: linear evaluation ≈91% top-1 on the test split after 1000 epochs (official README recipe;
 solo-learn reports 90.7%); ≈85% after 100 epochs at B=1024.
 """
 
-from configs import default
+from simclr_jax.configs import default
 
 
 def get_config():

@@ -2,8 +2,8 @@
 
 XLA computes the input gradient of a strided convolution as a convolution over the output
 gradient dilated with zeros (``lhs_dilation``): at stride 2, three quarters of its arithmetic
-multiplies zeros, and XLA:CPU runs that form several times slower than a plain convolution (the
-28 -> 14 px layer of the Fashion-MNIST ResNet-18: 73 ms, against 13 ms as computed here).
+multiplies zeros, and XLA:CPU runs that form several times slower than a plain convolution
+(docs/cpu_performance.md).
 :func:`conv_general_dilated` here has the signature of ``lax.conv_general_dilated`` (so it plugs
 into ``flax.linen.Conv(conv_general_dilated=...)``) and the same values and gradients, but splits
 that input gradient by phase: for stride ``s`` the input rows ``h = s * m + r`` of phase ``r``
@@ -14,14 +14,12 @@ every stride-1 convolution are XLA's own.
 
 It covers the convolutions a ResNet uses (NHWC inputs, HWIO kernels, explicit padding, window
 strides, no dilation, one feature group) and hands anything else to ``lax.conv_general_dilated``
-unchanged. :func:`resolve_conv_impl` picks it on the CPU backend only, where oneDNN's
-convolutions (:mod:`.onednn_conv`) are not available or not applicable (bfloat16, multi-device
-meshes): on GPUs and TPUs XLA's convolution gradients are already fast, and those paths stay
-exactly XLA's.
+unchanged. :func:`simclr_jax.cpu.layers` picks it for CPU programs where oneDNN's convolutions
+(:mod:`.onednn_conv`) are not available or not applicable (multi-device meshes); on GPUs and TPUs
+XLA's convolution gradients are already fast, and those programs keep XLA's.
 """
 
 import functools
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,67 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from simclr_jax import native
-
-CONV_IMPLS = ("auto", "xla", "subpixel_input_grads", "onednn")
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
-
-_log = logging.getLogger(__name__)
-
-
-def resolve_conv_impl(
-    conv_impl: str, backend: str | None = None, device_count: int | None = None
-) -> str:
-    """The formulation ``conv_impl`` stands for on ``backend`` with ``device_count`` devices.
-
-    "auto" is "onednn" for single-device CPU programs when the oneDNN extension builds here,
-    "subpixel_input_grads" for other CPU programs, and "xla" on GPUs and TPUs. Defaults: JAX's
-    default backend and device count.
-
-    Raises:
-      ValueError: an unknown ``conv_impl``, or "onednn" off the CPU backend or where its
-        extension cannot be built (the message says why).
-    """
-    if conv_impl not in CONV_IMPLS:
-        raise ValueError(f"Unknown conv_impl {conv_impl!r}; valid values: {list(CONV_IMPLS)}.")
-    backend = backend or jax.default_backend()
-    if conv_impl == "onednn":
-        if backend != "cpu":
-            raise ValueError(f"conv_impl='onednn' runs on the CPU backend only, not {backend!r}.")
-        unavailable = native.unavailable_reason()
-        if unavailable:
-            raise ValueError(f"conv_impl='onednn' is unavailable: {unavailable}")
-    if conv_impl != "auto":
-        return conv_impl
-    if backend != "cpu":
-        return "xla"
-    if (device_count or jax.device_count()) > 1:
-        return "subpixel_input_grads"
-    unavailable = native.unavailable_reason()
-    if unavailable:
-        _warn_once(unavailable)
-        return "subpixel_input_grads"
-    return "onednn"
-
-
-@functools.cache
-def _warn_once(reason: str) -> None:
-    _log.warning("oneDNN convolutions are unavailable, XLA's are used instead: %s", reason)
-
-
-def conv_function(conv_impl: str):
-    """The ``conv_general_dilated`` that ``conv_impl`` (resolved for this backend) computes with:
-    this module's for "subpixel_input_grads", :mod:`.onednn_conv`'s for "onednn" and
-    ``lax.conv_general_dilated`` for "xla"."""
-    from simclr_jax.models import onednn_conv  # it builds on this module
-
-    return {
-        "subpixel_input_grads": conv_general_dilated,
-        "onednn": onednn_conv.conv_general_dilated,
-        "xla": lax.conv_general_dilated,
-    }[resolve_conv_impl(conv_impl)]
 
 
 def xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding):

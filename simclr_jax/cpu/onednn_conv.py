@@ -1,18 +1,18 @@
 """2-D convolution computed by oneDNN on XLA:CPU, forward and both gradients.
 
-XLA:CPU's own convolution kernels run a ResNet's convolutions 1.2-6x slower than oneDNN, the
-library PyTorch and TensorFlow use on CPUs (per layer, forward, input and kernel gradients;
-README, Performance). :func:`conv_general_dilated` has the signature of
-``lax.conv_general_dilated`` (it plugs into ``flax.linen.Conv(conv_general_dilated=...)``) and
-computes float32 NHWC/HWIO convolutions with explicit padding, window strides, no dilation and one
-feature group as XLA custom calls into oneDNN (:mod:`simclr_jax.native`); a ``custom_vjp`` makes
-the gradients oneDNN's too. Any other call (e.g. bfloat16) goes to
-:func:`simclr_jax.models.conv.conv_general_dilated`.
+XLA:CPU's own convolution kernels run a ResNet's convolutions several times slower than oneDNN,
+the library PyTorch and TensorFlow use on CPUs (docs/cpu_performance.md).
+:func:`conv_general_dilated` has the signature of ``lax.conv_general_dilated`` (it plugs into
+``flax.linen.Conv(conv_general_dilated=...)``) and computes float32 NHWC/HWIO convolutions with
+explicit padding, window strides, no dilation and one feature group as XLA custom calls into
+oneDNN (:mod:`.extension`); a ``custom_vjp`` makes the gradients oneDNN's too. Any other call
+(e.g. bfloat16) goes to :func:`.convolution.conv_general_dilated`.
 
 The custom calls have no sharding rule: under ``jax.jit`` over a multi-device mesh XLA gathers
 their operands and every device computes the whole batch, correctly but redundantly. That is why
-``conv_impl="auto"`` only picks oneDNN for single-device CPU programs. The gradient is first-order
-only (no gradients of gradients, no ``jax.jvp``).
+``conv_impl="auto"`` only picks oneDNN for single-device CPU programs
+(:func:`simclr_jax.cpu.layers`). The gradient is first-order only (no gradients of gradients, no
+``jax.jvp``).
 """
 
 import functools
@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simclr_jax import native
-from simclr_jax.models import conv as conv_lib
+from simclr_jax.cpu import convolution as conv_lib
+from simclr_jax.cpu import extension
 
 
 def _custom_call(target: str, a, b, out_shape, strides, padding):
-    native.register_extension()
+    extension.register_extension()
     (top, bottom), (left, right) = padding
     return jax.ffi.ffi_call(
         target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential"
@@ -68,8 +68,8 @@ def conv_general_dilated(
 ) -> jax.Array:
     """``lax.conv_general_dilated`` (same arguments) computed by oneDNN where it applies.
 
-    Applies to float32 plain convolutions (:func:`~simclr_jax.models.conv.plain_conv_padding`);
-    every other call goes to :func:`simclr_jax.models.conv.conv_general_dilated`.
+    Applies to float32 plain convolutions (:func:`.convolution.plain_conv_padding`); every other
+    call goes to :func:`.convolution.conv_general_dilated`.
     """
     explicit_padding = conv_lib.plain_conv_padding(lhs, rhs, padding, **options)
     if explicit_padding is None or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:

@@ -1,0 +1,203 @@
+"""What a run derives from its config: the data, the model and its kernels, the optimiser's
+schedule, the augmentation and the hybrid objective.
+
+:class:`Experiment` is shared by the trainer, the evaluation command, the encoder API, the
+benchmark and the input-throughput tool, so that each builds the same run from the same config.
+The kernels are chosen for the platform of the run's mesh (:func:`simclr_jax.kernels.for_mesh`).
+"""
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from simclr_jax import kernels, optim, reconstruction, step
+from simclr_jax.data import augment, pipeline
+from simclr_jax.models import XLA_LAYERS, Layers, SimCLR, decoder, simclr_resnet
+
+_DECODERS = ("none", "ae", "vae")
+
+
+def reconstruction_head(
+    config: ml_collections.ConfigDict,
+) -> decoder.AutoencoderHead | decoder.VariationalHead | None:
+    """The reconstruction head ``config.hybrid.decoder`` names, or None for plain SimCLR."""
+    hybrid = config.hybrid
+    if hybrid.decoder not in _DECODERS:
+        raise ValueError(f"hybrid.decoder must be one of {_DECODERS}, got {hybrid.decoder!r}")
+    dtype = jnp.dtype(config.model.dtype)
+    if hybrid.decoder == "ae":
+        return decoder.AutoencoderHead(channels=hybrid.decoder_channels, dtype=dtype)
+    if hybrid.decoder == "vae":
+        return decoder.VariationalHead(
+            latent_dim=hybrid.latent_dim, channels=hybrid.decoder_channels, dtype=dtype
+        )
+    return None
+
+
+def hybrid_objective(config: ml_collections.ConfigDict) -> reconstruction.HybridObjective | None:
+    """The reconstruction terms of ``config.hybrid``, or None when its decoder is off."""
+    if reconstruction_head(config) is None:
+        return None
+    return reconstruction.HybridObjective(
+        reconstruction_weight=config.hybrid.reconstruction_weight,
+        kl_weight=config.hybrid.kl_weight,
+        target=config.hybrid.target,
+    )
+
+
+def build_model(
+    config: ml_collections.ConfigDict, num_classes: int, layers: Layers = XLA_LAYERS
+) -> SimCLR:
+    """The SimCLR network that ``config.model`` describes, computing with ``layers``, with a probe
+    over ``num_classes`` and the reconstruction head of ``config.hybrid`` (if any)."""
+    return simclr_resnet(
+        depth=config.model.depth,
+        width_multiplier=config.model.width_multiplier,
+        base_width=config.model.base_width,
+        stem=config.model.stem,
+        num_classes=num_classes,
+        projection_layers=config.model.projection_layers,
+        projection_dim=config.model.projection_dim,
+        dtype=jnp.dtype(config.model.dtype),
+        layers=layers,
+        reconstruction_head=reconstruction_head(config),
+    )
+
+
+def augment_config(config: ml_collections.ConfigDict, image_size: int) -> augment.AugmentConfig:
+    """The pretraining augmentation that ``config.augment`` describes, at ``image_size``."""
+    return augment.AugmentConfig(
+        image_size=image_size,
+        crop_area_range=(config.augment.crop_area_min, 1.0),
+        flip_prob=config.augment.flip_prob,
+        color_jitter_strength=config.augment.color_jitter_strength,
+        color_jitter_prob=config.augment.color_jitter_prob,
+        grayscale_prob=config.augment.grayscale_prob,
+        blur_prob=config.augment.blur_prob,
+        brightness_mode=config.augment.brightness_mode,
+        rotation_degrees=config.augment.rotation_degrees,
+    )
+
+
+class Experiment:
+    """Everything a run derives from its config, the dataset's metadata and its mesh.
+
+    Attributes: ``config``, ``mesh``, the splits' ``train_info``/``probe_info``/``eval_info``,
+    ``image_size``/``image_shape``, ``num_classes``, ``steps_per_epoch``, ``total_steps``,
+    ``learning_rate_fn``, ``layers`` (the kernels chosen for the mesh's platform), ``model``
+    and ``hybrid`` (the reconstruction terms, or None).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+        self.config = config
+        self.mesh = mesh
+        data_dir = config.data_dir or None
+        dataset_dir = config.dataset_dir or None
+        self.data_kwargs = {"data_dir": data_dir, "dataset_dir": dataset_dir}
+        pipeline.prepare_dataset(config.dataset, data_dir=data_dir, dataset_dir=dataset_dir)
+        self.train_info = pipeline.dataset_info(
+            config.dataset, config.train_split, **self.data_kwargs
+        )
+        self.probe_info = pipeline.dataset_info(
+            config.dataset, config.probe_train_split, **self.data_kwargs
+        )
+        self.eval_info = pipeline.dataset_info(
+            config.dataset, config.eval_split, **self.data_kwargs
+        )
+        height, _, channels = self.train_info.image_shape
+        self.image_size = config.image_size or height
+        if not self.image_size:
+            raise ValueError(
+                f"the images of {config.dataset} vary in size: set --config.image_size "
+                "(e.g. 224) to the side the views are resized to."
+            )
+        self.image_shape = (self.image_size, self.image_size, channels)
+        self.num_classes = self.probe_info.num_classes
+        batch = config.global_batch_size
+        self.steps_per_epoch = optim.steps_per_epoch(self.train_info.num_examples, batch)
+        self.total_steps = (
+            config.num_train_steps
+            if config.num_train_steps > 0
+            else optim.total_steps(self.train_info.num_examples, config.epochs, batch)
+        )
+        self.learning_rate_fn = optim.warmup_cosine_schedule(
+            peak_value=optim.scaled_learning_rate(
+                config.base_learning_rate, batch, config.learning_rate_scaling
+            ),
+            warmup_steps=min(
+                round(config.warmup_epochs * self.steps_per_epoch), self.total_steps - 1
+            ),
+            total_steps=self.total_steps,
+        )
+        self.layers = kernels.for_mesh(config.model.conv_impl, mesh)
+        self.model = build_model(config, self.num_classes, self.layers)
+        self.hybrid = hybrid_objective(config)
+
+    def compatibility(self) -> dict[str, Any]:
+        """What a checkpoint must share with this run to be restored into it (how convolutions
+        are computed is not part of it: every ``conv_impl`` has the same parameters)."""
+        model = {k: v for k, v in self.config.model.to_dict().items() if k != "conv_impl"}
+        compatibility = {
+            **model,
+            "image_shape": list(self.image_shape),
+            "num_classes": self.num_classes,
+            "optimizer": self.config.optimizer,
+        }
+        if self.hybrid is not None:  # recorded only when on: plain checkpoints stay compatible
+            hybrid = self.config.hybrid
+            compatibility["hybrid_decoder"] = hybrid.decoder
+            compatibility["hybrid_decoder_channels"] = hybrid.decoder_channels
+            if hybrid.decoder == "vae":
+                compatibility["hybrid_latent_dim"] = hybrid.latent_dim
+        return compatibility
+
+    def initial_state(self, seed: int) -> step.TrainState:
+        """A freshly initialised train state (on the host; the caller places it)."""
+        tx = optim.create_optimizer(
+            self.config.optimizer,
+            self.learning_rate_fn,
+            weight_decay=self.config.weight_decay,
+            momentum=self.config.momentum,
+        )
+        return step.create_train_state(self.model, tx, jax.random.key(seed), self.image_shape)
+
+    def pretrain_batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        """This process's pretraining batches from step ``start_step`` on."""
+        return pipeline.pretrain_batches(
+            self.config.dataset,
+            self.config.train_split,
+            host_batch_size=self.config.global_batch_size // jax.process_count(),
+            augment_config=augment_config(self.config, self.image_size),
+            seed=self.config.seed,
+            start_step=start_step,
+            cache=self.config.cache,
+            shuffle_buffer=self.config.shuffle_buffer,
+            with_input_image=self.hybrid is not None and self.hybrid.needs_input_image,
+            **self.data_kwargs,
+        )
+
+    def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        """This process's evaluation batches of ``split`` (un-augmented images and labels)."""
+        return pipeline.eval_batches(
+            self.config.dataset,
+            split,
+            host_batch_size=self.config.eval_batch_size // jax.process_count(),
+            image_size=self.image_size,
+            center_crop_fraction=self.config.eval_center_crop or None,
+            **self.data_kwargs,
+        )
+
+    def train_step(self) -> Callable[[step.TrainState, step.Batch, jax.Array], Any]:
+        """The training step of this run, compiled for its mesh."""
+        return step.jit_train_step(
+            self.mesh,
+            temperature=self.config.temperature,
+            learning_rate_fn=self.learning_rate_fn,
+            loss_block_size=self.config.loss_block_size,
+            hybrid=self.hybrid,
+        )
