@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 import jax
 import tensorflow as tf
@@ -96,3 +96,50 @@ class MetricsLog:
         if self._enabled:
             self._jsonl.close()
             self._summary.close()
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The end of a run in a few lines: each accuracy of the encoder beside the same evaluation
+    of raw pixels and of a random encoder (where the run computed them), then the time."""
+    knn_ks = sorted(
+        int(key.removeprefix("knn_k").removesuffix("_top1"))
+        for key in results
+        if key.startswith("knn_k") and key.endswith("_top1")
+    )
+    rows = [
+        (
+            "linear probe",
+            "linear_probe_top1",
+            "baseline_raw_pixels_top1",
+            "baseline_random_encoder_top1",
+        ),
+        *(
+            (f"kNN k={k} (weighted)", f"knn_k{k}_top1", f"baseline_raw_pixels_knn_k{k}_top1", None)
+            for k in knn_ks
+        ),
+        ("online probe", "online_probe_top1", None, None),
+    ]
+    table = [("top-1", "encoder", "raw pixels", "random encoder")]
+    table += [
+        (label, *(_percent(results.get(key)) if key else "" for key in keys))
+        for label, *keys in rows
+        if keys[0] in results
+    ]
+    used = [i for i in range(4) if i < 2 or any(row[i] for row in table[1:])]
+    lines = []
+    if len(table) > 1:
+        widths = [max(len(row[i]) for row in table) for i in used]
+        lines = [
+            "  ".join(row[i].ljust(w) for i, w in zip(used, widths, strict=True)).rstrip()
+            for row in table
+        ]
+    lines.append(
+        f"{results['steps']} steps ({results['epochs']:.2f} epochs), pretraining "
+        f"{format_duration(results['train_time_s'])} at {results['views_per_s']:.0f} views/s, "
+        f"{format_duration(results['wall_time_s'])} in all; kernels: {results['kernels']}"
+    )
+    return "\n".join(lines)

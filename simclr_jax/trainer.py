@@ -243,12 +243,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "epochs": experiment.total_steps / experiment.steps_per_epoch,
             "wall_time_s": time.perf_counter() - started,
             "train_time_s": train_seconds,
-            "images_per_s": 2
+            "views_per_s": 2
             * config.global_batch_size
             * (experiment.total_steps - start_step)
             / max(train_seconds, 1e-9),
         }
     _write_json(os.path.join(workdir, "results.json"), results)
     if jax.process_index() == 0:
-        print(json.dumps(results, indent=2, sort_keys=True), flush=True)
+        print(reporting.results_table(results), flush=True)
     return results

@@ -132,3 +132,38 @@ def test_evaluate_cli_rejects_a_misspelt_override_in_one_line(tmp_path):
     assert result.returncode != 0
     assert "knn_kk" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _brute_force_knn(train_x, train_y, test_x, test_y, k, temperature, num_classes):
+    """Weighted cosine kNN in float64 NumPy: each of the k most similar train rows (lower index
+    first among equals) votes exp(similarity / T); ties between classes go to the lower one."""
+    normalise = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    similarity = normalise(test_x.astype(np.float64)) @ normalise(train_x.astype(np.float64)).T
+    correct = 0
+    for row, label in zip(similarity, test_y, strict=True):
+        nearest = np.argsort(-row, kind="stable")[:k]
+        votes = np.zeros(num_classes)
+        np.add.at(votes, train_y[nearest], np.exp(row[nearest] / temperature))
+        correct += int(np.argmax(votes) == label)
+    return correct / len(test_y)
+
+
+def test_raw_pixel_knn_baseline_equals_a_brute_force_numpy_knn(run_dir):
+    config = encoder.read_run_config(str(run_dir))
+    config.update_from_flattened_dict({"evaluation.knn_ks": (3, 10)})
+    plan = Experiment(config, parallel.data_mesh())
+    run = protocols.Run(plan, encoder.restore_state(plan, str(run_dir)))
+    results = protocols.baselines(run)
+
+    def images(split):
+        batches = list(plan.eval_batches(split))
+        pixels = np.concatenate(
+            [b["image"][b["mask"]].reshape(b["mask"].sum(), -1) for b in batches]
+        )
+        return pixels, np.concatenate([b["label"][b["mask"]] for b in batches])
+
+    (train_x, train_y), (test_x, test_y) = images("train[:256]"), images("test[:100]")
+    for k in (3, 10):
+        expected = _brute_force_knn(train_x, train_y, test_x, test_y, k, 0.07, plan.num_classes)
+        assert results[f"baseline_raw_pixels_knn_k{k}_top1"] == pytest.approx(expected, abs=1e-6)
+    assert 0.0 <= results["baseline_raw_pixels_top1"] <= 1.0

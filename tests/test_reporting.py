@@ -45,3 +45,47 @@ def test_metrics_log_writes_records_throughput_and_progress(tmp_path, monkeypatc
     assert lines[0].endswith("16 img/s  ETA 1m30s")
     assert lines[1] == "step 10/100  epoch 0.50  eval_knn_top1 0.7500"
     assert list((tmp_path / "tensorboard").iterdir())
+
+
+RUN = {
+    "steps": 938,
+    "epochs": 4.0,
+    "train_time_s": 548.0,
+    "wall_time_s": 694.0,
+    "views_per_s": 876.2,
+    "kernels": "onednn",
+}
+
+
+def test_results_table_puts_each_accuracy_beside_its_baselines():
+    results = {
+        **RUN,
+        "linear_probe_top1": 0.8589,
+        "knn_k20_top1": 0.825,
+        "knn_k200_top1": 0.80,
+        "online_probe_top1": 0.795,
+        "baseline_raw_pixels_top1": 0.8436,
+        "baseline_random_encoder_top1": 0.5988,
+        "baseline_raw_pixels_knn_k20_top1": 0.846,
+        "baseline_raw_pixels_knn_k200_top1": 0.791,
+    }
+    lines = reporting.results_table(results).splitlines()
+    assert lines[0].split() == ["top-1", "encoder", "raw", "pixels", "random", "encoder"]
+    assert lines[1].split() == ["linear", "probe", "85.9%", "84.4%", "59.9%"]
+    assert lines[2].split() == ["kNN", "k=20", "(weighted)", "82.5%", "84.6%"]
+    assert lines[3].split() == ["kNN", "k=200", "(weighted)", "80.0%", "79.1%"]
+    assert lines[4].split() == ["online", "probe", "79.5%"]
+    assert lines[5] == (
+        "938 steps (4.00 epochs), pretraining 9m08s at 876 views/s, 11m34s in all; kernels: onednn"
+    )
+
+
+def test_results_table_without_baselines_or_without_evaluation():
+    lines = reporting.results_table({**RUN, "linear_probe_top1": 0.5, "knn_k10_top1": 0.4})
+    assert [line.split() for line in lines.splitlines()[:3]] == [
+        ["top-1", "encoder"],
+        ["linear", "probe", "50.0%"],
+        ["kNN", "k=10", "(weighted)", "40.0%"],
+    ]
+    (only_time,) = reporting.results_table(RUN).splitlines()
+    assert only_time.startswith("938 steps (4.00 epochs)")

@@ -46,7 +46,7 @@ def test_tiny_run_writes_checkpoints_metrics_and_results(config, tmp_path):
         assert 0.0 <= results[key] <= 1.0, key
     assert results["steps"] == 8
     assert results["epochs"] == pytest.approx(1.0)  # 256 examples / 32 per step = 8 steps
-    assert results["wall_time_s"] > 0 and results["images_per_s"] > 0
+    assert results["wall_time_s"] > 0 and results["views_per_s"] > 0
     assert json.loads((tmp_path / "results.json").read_text()) == pytest.approx(results)
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -120,7 +120,7 @@ def test_checkpoint_of_an_incompatible_config_is_refused(config, tmp_path):
     config.num_train_steps = 4
     config.evaluate_at_end = False  # train only: the results hold no accuracies
     results = trainer.train_and_evaluate(config, str(tmp_path))
-    assert results["steps"] == 4 and results["images_per_s"] > 0
+    assert results["steps"] == 4 and results["views_per_s"] > 0
     assert not any(key.endswith("_top1") for key in results)
     config.model.base_width = 8
     with pytest.raises(checkpointing.CheckpointError, match="base_width"):

@@ -127,12 +127,16 @@ def linear(run: Run) -> dict[str, Any]:
     return {"lbfgs": lbfgs, "sgd": sgd}
 
 
-def _knn(run: Run, k: int, temperature: float | None) -> float:
+def _knn(
+    run: Run, k: int, temperature: float | None, train=None, test=None, key: str = "h"
+) -> float:
+    """kNN top-1 on ``test[key]`` against ``train[key]`` (default: the run's ``h``)."""
+    train, test = train or run.train, test or run.test
     return knn.knn_accuracy(
-        run.train["h"],
-        run.train["label"],
-        run.test["h"],
-        run.test["label"],
+        train[key],
+        train["label"],
+        test[key],
+        test["label"],
         num_classes=run.experiment.num_classes,
         k=k,
         temperature=temperature,
@@ -339,8 +343,9 @@ def monitor(run: Run) -> dict[str, float]:
 
 
 def baselines(run: Run) -> dict[str, float]:
-    """The same L-BFGS probe on raw pixels and on a randomly initialised encoder of the same
-    network: what the representation must beat."""
+    """What the representation must beat: the same L-BFGS probe on raw pixels and on a randomly
+    initialised encoder of the same network, and the same weighted kNN (each of
+    ``evaluation.knn_ks``) on raw pixels."""
     config, mesh = run.config, run.mesh
     random_state = jax.device_put(
         run.experiment.initial_state(config.seed + 1), parallel.replicated(mesh)
@@ -355,7 +360,7 @@ def baselines(run: Run) -> dict[str, float]:
         return extract_features(pixels, None, run.experiment.eval_batches(split), mesh, ("pixels",))
 
     raw_train, raw_test = raw_pixels(config.probe_train_split), raw_pixels(config.eval_split)
-    return {
+    results = {
         "baseline_random_encoder_top1": float(
             _logistic_regression(random_encoder, random_encoder.train, random_encoder.test)["top1"]
         ),
@@ -363,6 +368,12 @@ def baselines(run: Run) -> dict[str, float]:
             _logistic_regression(run, raw_train, raw_test, "pixels")["top1"]
         ),
     }
+    temperature = config.evaluation.knn_temperature
+    for k in config.evaluation.knn_ks:
+        results[f"baseline_raw_pixels_knn_k{k}_top1"] = _knn(
+            run, k, temperature, raw_train, raw_test, "pixels"
+        )
+    return results
 
 
 def end_of_run(run: Run) -> dict[str, float]:
