@@ -22,9 +22,11 @@ def get_config():
     config.model.base_width = 16
     config.model.stem = "cifar"
     config.temperature = 0.2
-    config.optimizer = "lars"
-    config.base_learning_rate = 1.0
-    config.weight_decay = 1e-5
+    # Chosen on a validation split held out from train (README, Results): Nesterov SGD with
+    # weight decay 5e-4 learns more in 4 epochs at B=256 than LARS (lr 1.0, weight decay 1e-5).
+    config.optimizer = "sgd"
+    config.base_learning_rate = 0.3
+    config.weight_decay = 5e-4
     config.global_batch_size = 256
     config.epochs = 4
     config.warmup_epochs = 0.2
