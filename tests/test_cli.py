@@ -13,8 +13,9 @@ from simclr_jax import cli
 if not (sys.platform == "linux" and platform.libc_ver()[0] == "glibc"):
     pytest.skip("glibc tunables exist on Linux with glibc only", allow_module_level=True)
 
-# Restarts (once), then reports its PID, its tunables and how much of a freshly written 256 MiB
-# malloc block lies in huge pages.
+# Restarts (once), then reports its PID, its tunables and whether malloc asked the kernel for
+# huge pages (madvise(MADV_HUGEPAGE), the "hg" VmFlag) for the mapping of a fresh 256 MiB block.
+# How many huge pages the kernel then finds depends on its free memory, so that is not asserted.
 PROGRAM = """
 import ctypes, os
 from simclr_jax import cli
@@ -24,10 +25,16 @@ libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 block = libc.malloc(1 << 28)
 ctypes.memset(block, 1, 1 << 28)
-smaps = open("/proc/self/smaps_rollup").read().split("\\n")
-huge = [int(line.split()[1]) for line in smaps if line.startswith("AnonHugePages:")]
+flags, inside = [], False
+for line in open("/proc/self/smaps"):
+    fields = line.split()
+    if "-" in fields[0] and not fields[0].endswith(":"):
+        start, end = (int(bound, 16) for bound in fields[0].split("-"))
+        inside = start <= block < end
+    elif inside and fields[0] == "VmFlags:":
+        flags = fields[1:]
 print("tunables", os.environ.get("GLIBC_TUNABLES"))
-print("huge_kib", huge[0] if huge else 0)
+print("vmflags", *flags)
 """
 
 
@@ -47,8 +54,11 @@ def _thp_mode() -> str:
     return text[text.index("[") + 1 : text.index("]")]
 
 
-def _huge_kib(lines: list[str]) -> int:
-    return int(next(line for line in lines if line.startswith("huge_kib")).split()[1])
+def _advised_huge(lines: list[str]) -> bool:
+    """Whether the block's mapping carries MADV_HUGEPAGE."""
+    flags = next(line for line in lines if line.startswith("vmflags")).split()[1:]
+    assert "rd" in flags  # the block's mapping was found
+    return "hg" in flags
 
 
 def test_restarts_once_with_huge_pages_and_keeps_other_tunables():
@@ -56,8 +66,8 @@ def test_restarts_once_with_huge_pages_and_keeps_other_tunables():
     starts = [line for line in lines if line.startswith("start")]
     assert len(starts) == 2 and starts[0] == starts[1]  # re-executed once, in the same process
     assert f"tunables glibc.malloc.trim_threshold=1048576:{cli.HUGE_PAGES_TUNABLE}" in lines
-    if _thp_mode() != "never":
-        assert _huge_kib(lines) >= 128 * 1024  # most of the 256 MiB array is in 2 MiB pages
+    if _thp_mode() == "madvise":  # glibc advises only where the kernel waits to be asked
+        assert _advised_huge(lines)
 
 
 def test_opt_out_and_an_explicit_setting_are_left_alone():
@@ -65,5 +75,4 @@ def test_opt_out_and_an_explicit_setting_are_left_alone():
         lines = _run(env)
         assert sum(line.startswith("start") for line in lines) == 1
         assert f"tunables {env.get('GLIBC_TUNABLES')}" in lines
-        if _thp_mode() == "madvise":  # huge pages only where malloc asks for them
-            assert _huge_kib(lines) < 16 * 1024
+        assert not _advised_huge(lines)
