@@ -42,7 +42,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from simclr_jax import cli, configs, input_throughput, kernels, optim, parallel, step, timing
+from simclr_jax import (
+    cli,
+    configs,
+    input_throughput,
+    jsonio,
+    kernels,
+    optim,
+    parallel,
+    step,
+    timing,
+)
 from simclr_jax.cpu import conv_layers
 from simclr_jax.models import XLA_LAYERS, Layers, SimCLR, simclr_resnet
 
@@ -240,8 +250,7 @@ def measure_data_wait(config: ml_collections.ConfigDict, steps: int = 30) -> dic
     config.evaluate_at_end = False
     with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(sys.stderr):
         trainer.train_and_evaluate(config, workdir)
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
+        records = jsonio.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     fractions = [r["data_wait_fraction"] for r in records if "data_wait_fraction" in r]
     return {
         "data_wait_fraction": round(statistics.mean(fractions[1:] or fractions), 4),

@@ -19,11 +19,27 @@ accelerator (so the caller may donate or overwrite the state) and the files are 
 background. Call :meth:`Checkpointer.wait_until_finished` or :meth:`Checkpointer.close` (or use the
 checkpointer as a context manager) before the process exits.
 
-Every failure a user can fix (an unwritable directory, a checkpoint of another config, arrays of
-other shapes, a corrupt step directory) raises :class:`CheckpointError` with the path and the fix.
+A save that fails in the background (a full disk, say) is reported by the next
+:meth:`Checkpointer.check_saves`, which never waits for a save in progress: called at every
+training step, it stops a run within a step of the failure, with the last complete checkpoint
+intact.
+
+A :class:`Checkpointer` opened ``read_only`` (to evaluate a run, possibly while it trains) creates,
+cleans up and writes nothing.
+
+Every failure a user can fix (an unwritable directory, a full disk, a checkpoint of another config,
+arrays of other shapes, a corrupt step directory) raises :class:`CheckpointError` with the path and
+the fix. Orbax also logs the traceback of each failure it raises; those logged copies are dropped
+(:class:`OrbaxTracebackFilter`, installed by the command lines), so that the one-line message is
+all a user sees.
 """
 
+import errno
 import json
+import logging
+import math
+import os
+import shutil
 import uuid
 from os import PathLike
 from typing import Any
@@ -38,10 +54,64 @@ from simclr_jax.step import TrainState
 _STATE_ITEM = "state"
 _METADATA_ITEM = "metadata"
 _STATE_FIELDS = ("step", "params", "batch_stats", "opt_state")
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step directory being written
+_CAUSE_CHARS = 400  # of a storage library's error message, in ours
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be written or restored; the message names the path and the fix."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The step directory ``step_directory`` cannot be read."""
+
+    def __init__(self, message: str, step_directory: str):
+        super().__init__(message)
+        self.step_directory = step_directory
+
+
+class OrbaxTracebackFilter(logging.Filter):
+    """Drops the tracebacks Orbax logs (on the ``absl`` logger) for failures it also raises.
+
+    The :class:`Checkpointer` turns each of those failures into a one-line
+    :class:`CheckpointError`; the command lines install this filter so that the logged copies
+    do not bury that line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        in_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+        return not (in_orbax and record.exc_info)
+
+
+def _describe(error: BaseException) -> str:
+    """The innermost cause of ``error`` on one line, without TensorStore's long JSON spec."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split(" [tensorstore_spec")[0].split())
+    if len(text) > _CAUSE_CHARS:
+        text = text[:_CAUSE_CHARS].rsplit(" ", 1)[0] + " …"
+    return f"{type(error).__name__}: {text}"
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` or one of its causes says the disk (or the user's quota) is full."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _size_on_disk(directory: str) -> int:
+    """Bytes in the files under the local ``directory``."""
+    return sum(
+        os.path.getsize(os.path.join(parent, name))
+        for parent, _, names in os.walk(directory)
+        for name in names
+    )
 
 
 def _state_arrays(state: TrainState) -> dict[str, Any]:
@@ -89,6 +159,21 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def _remove_unfinished_saves(directory: epath.Path) -> None:
+    """Deletes the step directories of saves that never finished (by the first process only).
+
+    Done here, before any save, rather than by Orbax in a background thread that a process
+    exiting early would leave to fail noisily at interpreter shutdown.
+    """
+    if jax.process_index() != 0:
+        return
+    for path in directory.iterdir():
+        if _TMP_SUFFIX in path.name and path.is_dir():
+            # Errors ignored: the writes of a save that just failed in this process may still
+            # be landing in it. What stays behind is never taken for a checkpoint.
+            shutil.rmtree(os.fspath(path), ignore_errors=True)
+
+
 def _check_writable(directory: epath.Path) -> None:
     """Creates ``directory`` if needed and proves it writable by writing and deleting a file.
 
@@ -118,7 +203,8 @@ class Checkpointer:
 
     ``max_to_keep`` newest checkpoints are kept (``None``: all). ``save`` writes a checkpoint when
     ``step`` is a multiple of ``save_interval_steps``, for the first save into an empty directory,
-    or when forced. The directory is created and checked for writing here, before any training.
+    or when forced. The directory is created and checked for writing here, before any training,
+    and what unfinished saves left in it is removed; ``read_only`` skips all three.
     """
 
     def __init__(
@@ -127,12 +213,16 @@ class Checkpointer:
         *,
         max_to_keep: int | None = 3,
         save_interval_steps: int = 1,
+        read_only: bool = False,
     ):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be at least 1 (or None for all), not {max_to_keep}")
         path = epath.Path(directory)
-        _check_writable(path)
+        if not read_only:
+            _check_writable(path)
+            _remove_unfinished_saves(path)
         self.directory = str(path)
+        self._saving: int | None = None  # the step of the save in progress
         self._manager = ocp.CheckpointManager(
             path,
             item_handlers={
@@ -142,7 +232,8 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep,
                 save_interval_steps=save_interval_steps,
-                cleanup_tmp_directories=True,
+                read_only=read_only,
+                create=not read_only,
             ),
         )
 
@@ -156,7 +247,8 @@ class Checkpointer:
         """Starts saving ``state`` and the JSON-serialisable ``metadata`` as checkpoint ``step``.
 
         Returns whether a checkpoint is being written: False when the save interval skips
-        ``step`` or when a checkpoint at or after ``step`` exists (unless ``force``).
+        ``step`` or when a checkpoint at or after ``step`` exists (unless ``force``). A failure
+        of the previous save, still unreported, is raised here.
         """
         try:
             json.dumps(metadata)
@@ -169,16 +261,24 @@ class Checkpointer:
                 f"checkpoint step {step} already exists in {self.directory}; delete "
                 f"{self._step_directory(step)} to overwrite it."
             )
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    _STATE_ITEM: ocp.args.StandardSave(_state_arrays(state)),
-                    _METADATA_ITEM: ocp.args.JsonSave(metadata),
-                }
-            ),
-            force=force,
-        )
+        self.check_saves()
+        try:
+            started = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        _STATE_ITEM: ocp.args.StandardSave(_state_arrays(state)),
+                        _METADATA_ITEM: ocp.args.JsonSave(metadata),
+                    }
+                ),
+                force=force,
+            )
+        except Exception as error:
+            failed = self._saving if self._saving is not None else step  # maybe the previous
+            raise self._save_failed(failed, error) from error
+        if started:
+            self._saving = step
+        return started
 
     def restore(
         self,
@@ -207,12 +307,28 @@ class Checkpointer:
         )
         return template.replace(**restored[_STATE_ITEM]), metadata
 
+    def check_saves(self) -> None:
+        """Raises the :class:`CheckpointError` of a save that failed in the background; returns at
+        once when none did, or while one is still being written."""
+        if self._saving is not None and not self._manager.is_saving_in_progress():
+            self.wait_until_finished()  # it has ended: returns at once, or raises its failure
+
     def wait_until_finished(self) -> None:
-        """Blocks until every save in progress is written and finalised."""
-        self._manager.wait_until_finished()
+        """Blocks until every save in progress is written and finalised.
+
+        Raises:
+          CheckpointError: the save failed (the message names its directory and the cause).
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise self._save_failed(self._saving, error) from error
+        finally:
+            self._saving = None
 
     def close(self) -> None:
         """Waits for saves in progress, then releases Orbax's resources."""
+        self.wait_until_finished()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
@@ -279,13 +395,42 @@ class Checkpointer:
                 "configuration that wrote the checkpoint."
             )
 
-    def _corrupt(self, step: int, error: Exception) -> CheckpointError:
+    def _corrupt(self, step: int, error: Exception) -> CorruptCheckpointError:
         """The error for an unreadable step directory, suggesting the fallback checkpoint."""
-        earlier = [s for s in self._manager.all_steps() if s < step]
-        fallback = f"to fall back to step {max(earlier)}" if earlier else "to start from scratch"
-        # The first line of the cause, without TensorStore's long JSON spec of the array.
-        cause = str(error).split(" [tensorstore_spec")[0].split("\n")[0][:300]
+        earlier = sorted(s for s in self._manager.all_steps() if s < step)
+        fallback = (
+            f"Evaluate an earlier step with --checkpoint={earlier[-1]} (steps found: "
+            f"{earlier}), or delete that directory to fall back to step {earlier[-1]}."
+            if earlier
+            else "Delete that directory to start from scratch."
+        )
+        directory = self._step_directory(step)
+        return CorruptCheckpointError(
+            f"checkpoint {directory} cannot be read; it is corrupt or incomplete "
+            f"({_describe(error)}). {fallback}",
+            directory,
+        )
+
+    def _save_failed(self, step: int | None, error: Exception) -> CheckpointError:
+        """The error for a save that failed, naming its directory and the last good checkpoint."""
+        directory = self._step_directory(step) if step is not None else self.directory
+        self._manager.reload()  # the steps on disk now
+        complete = sorted(s for s in self._manager.all_steps() if s != step)
+        if complete:
+            last = complete[-1]
+            kept = f"the last complete checkpoint, step {last}, is intact"
+        else:
+            kept = "no earlier checkpoint was written"
+        if not _is_disk_full(error):
+            return CheckpointError(
+                f"saving checkpoint {directory} failed ({_describe(error)}); {kept}."
+            )
+        needed = ""
+        if complete:
+            megabytes = math.ceil(_size_on_disk(self._step_directory(last)) / 1e6)
+            needed = f" (a checkpoint takes about {megabytes} MB)"
         return CheckpointError(
-            f"checkpoint {self._step_directory(step)} cannot be read; it is corrupt or "
-            f"incomplete ({type(error).__name__}: {cause}). Delete that directory {fallback}."
+            f"the disk is full: saving checkpoint {directory} failed (no space left on device "
+            f"in {self.directory}); {kept}. Free some space{needed}, then rerun the same command "
+            "to resume."
         )

@@ -1,7 +1,7 @@
 """What the command lines (``simclr_jax.train``, ``simclr_jax.evaluate``, ``simclr_jax.benchmark``)
 share: the ``--config`` flag (a shipped config's name or a file's path, with
-``--config.FIELD=VALUE`` overrides), flag parsing that reports a bad override in one line, and a
-start with huge pages for malloc."""
+``--config.FIELD=VALUE`` overrides), flag parsing that reports a bad override in one line, a
+start with huge pages for malloc, and failures reported in one line without library tracebacks."""
 
 import ast
 import contextlib
@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import ml_collections
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from simclr_jax import configs
@@ -42,6 +43,14 @@ def restart_with_huge_pages() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, sys.orig_argv)
+
+
+def quiet_orbax_tracebacks() -> None:
+    """Keeps off the terminal the tracebacks Orbax logs for failures that the command then reports
+    in one line (:class:`simclr_jax.checkpointing.OrbaxTracebackFilter`)."""
+    from simclr_jax import checkpointing  # imports JAX: only once the command runs
+
+    absl_logging.get_absl_logger().addFilter(checkpointing.OrbaxTracebackFilter())
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from simclr_jax import checkpointing, kernels, parallel, step
+from simclr_jax import checkpointing, kernels, parallel, step, workdir_lock
 from simclr_jax.configs import default
 from simclr_jax.experiment import Experiment, build_model
 from simclr_jax.models import SimCLR
@@ -111,7 +111,10 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; is {workdir} the workdir of a run?")
     with open(path) as f:
-        stored = json.load(f)
+        try:
+            stored = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}).") from error
     config = default.get_config()
     try:
         config.update_from_flattened_dict(_flatten(stored))
@@ -137,17 +140,35 @@ def restore_state(
     experiment: Experiment, workdir: str, step_number: int | None = None
 ) -> step.TrainState:
     """The train state of checkpoint ``step_number`` (default: latest) of the run in ``workdir``,
-    replicated over the experiment's mesh."""
+    replicated over the experiment's mesh.
+
+    Reads only: the workdir may belong to a run still training. A checkpoint that cannot be read
+    while that run holds the workdir is reported as such, without the advice to delete it (that
+    run may have been replacing it).
+    """
     directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint in {directory}; train the run first.")
     template = jax.device_put(
         experiment.initial_state(experiment.config.seed), parallel.replicated(experiment.mesh)
     )
-    with checkpointing.Checkpointer(directory, max_to_keep=None) as checkpointer:
+    with checkpointing.Checkpointer(directory, max_to_keep=None, read_only=True) as checkpointer:
         if checkpointer.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {directory}; train the run first.")
-        state, _ = checkpointer.restore(
-            template, step_number, compatibility=experiment.compatibility()
-        )
+        try:
+            state, _ = checkpointer.restore(
+                template, step_number, compatibility=experiment.compatibility()
+            )
+        except checkpointing.CorruptCheckpointError as error:
+            holder = workdir_lock.holder(workdir)
+            if holder is None:
+                raise
+            raise checkpointing.CheckpointError(
+                f"checkpoint {error.step_directory} cannot be read while the run that holds "
+                f"{workdir} ({holder}) is training: it may have replaced that checkpoint "
+                "meanwhile, so do not delete it. Rerun once that run has stopped, or evaluate "
+                "an earlier step with --checkpoint=STEP."
+            ) from error
     return state
 
 

@@ -14,7 +14,6 @@ Each protocol writes ``WORKDIR/eval/PROTOCOL.json``; a summary table ends the ou
 field can be overridden for the evaluation, e.g. ``--config.evaluation.finetune.epochs=(1,1,1)``.
 """
 
-import json
 import os
 import sys
 import time
@@ -61,7 +60,7 @@ def run_protocols(
         )
     import jax
 
-    from simclr_jax import encoder, parallel
+    from simclr_jax import encoder, jsonio, parallel
     from simclr_jax.evaluation import protocols as protocol_lib
     from simclr_jax.experiment import Experiment
 
@@ -85,9 +84,7 @@ def run_protocols(
             "checkpoint_step": int(state.step),
         }
         if jax.process_index() == 0:
-            with open(os.path.join(run.output_dir, f"{name}.json"), "w") as f:
-                json.dump(outcomes[name], f, indent=2, sort_keys=True)
-                f.write("\n")
+            jsonio.write_json(os.path.join(run.output_dir, f"{name}.json"), outcomes[name])
             print(f"{name}: done in {outcomes[name]['seconds']:.0f}s", flush=True)
     return outcomes
 
@@ -103,6 +100,7 @@ def main(argv: list[str]) -> None:
 
     from simclr_jax.evaluation import protocols as protocol_lib
 
+    cli.quiet_orbax_tracebacks()
     try:
         outcomes = run_protocols(
             _WORKDIR.value,

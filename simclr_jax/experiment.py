@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from simclr_jax import kernels, optim, reconstruction, step
+from simclr_jax import config_checks, kernels, optim, reconstruction, step
 from simclr_jax.data import augment, pipeline
 from simclr_jax.models import XLA_LAYERS, Layers, SimCLR, decoder, simclr_resnet
 
@@ -87,6 +87,9 @@ def augment_config(config: ml_collections.ConfigDict, image_size: int) -> augmen
 class Experiment:
     """Everything a run derives from its config, the dataset's metadata and its mesh.
 
+    The config is checked first (:func:`simclr_jax.config_checks.check_config`), then the
+    dataset (for an image folder, every image of the splits the run reads).
+
     Attributes: ``config``, ``mesh``, the splits' ``train_info``/``probe_info``/``eval_info``,
     ``image_size``/``image_shape``, ``num_classes``, ``steps_per_epoch``, ``total_steps``,
     ``learning_rate_fn``, ``layers`` (the kernels chosen for the mesh's platform), ``model``
@@ -94,6 +97,7 @@ class Experiment:
     """
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+        config_checks.check_config(config)
         self.config = config
         self.mesh = mesh
         data_dir = config.data_dir or None
@@ -103,8 +107,10 @@ class Experiment:
         self.train_info = pipeline.dataset_info(
             config.dataset, config.train_split, **self.data_kwargs
         )
-        self.probe_info = pipeline.dataset_info(
-            config.dataset, config.probe_train_split, **self.data_kwargs
+        self.probe_info = (
+            self.train_info
+            if config.probe_train_split == config.train_split
+            else pipeline.dataset_info(config.dataset, config.probe_train_split, **self.data_kwargs)
         )
         self.eval_info = pipeline.dataset_info(
             config.dataset, config.eval_split, **self.data_kwargs

@@ -3,7 +3,6 @@
 (Image mosaics, such as augmented views or retrieved neighbours, are in :mod:`visualize`.)
 """
 
-import json
 import os
 
 import matplotlib
@@ -12,6 +11,8 @@ matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt
 import numpy as np
+
+from simclr_jax import jsonio
 
 # Panels of the training-curve figure: (title, metrics.jsonl keys drawn in it).
 CURVE_PANELS = (
@@ -23,9 +24,9 @@ CURVE_PANELS = (
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
-    """The records of a ``metrics.jsonl`` file, one dict per line."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a ``metrics.jsonl`` file, one dict per line (a line cut off by a crash is
+    skipped with a warning: :func:`simclr_jax.jsonio.read_jsonl`)."""
+    return jsonio.read_jsonl(path)
 
 
 def save_training_curves(

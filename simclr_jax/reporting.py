@@ -13,6 +13,8 @@ from typing import Any, TextIO
 import jax
 import tensorflow as tf
 
+from simclr_jax import jsonio
+
 
 def format_duration(seconds: float) -> str:
     """``3725`` -> ``"1h02m05s"``; ``65`` -> ``"1m05s"``; ``"?"`` when not finite."""
@@ -30,7 +32,10 @@ class MetricsLog:
     """Writes logged steps to ``WORKDIR/metrics.jsonl``, TensorBoard and the terminal.
 
     Throughput is measured between consecutive :meth:`write` calls: ``images_per_s`` counts
-    augmented views (two per example), as the benchmarks do.
+    augmented views (two per example), as the benchmarks do. A run that resumes from the
+    checkpoint of step ``first_step`` first drops the records an earlier run logged after that
+    step, and any line a crash cut off (the file is rewritten atomically), so that
+    ``metrics.jsonl`` reads as one run.
     """
 
     def __init__(
@@ -40,6 +45,7 @@ class MetricsLog:
         total_steps: int,
         steps_per_epoch: int,
         global_batch_size: int,
+        first_step: int = 0,
         stream: TextIO | None = None,
     ):
         self._enabled = jax.process_index() == 0
@@ -49,7 +55,11 @@ class MetricsLog:
         self._stream = stream or sys.stdout  # looked up now: redirect_stdout applies
         self._last: tuple[int, float] | None = None
         if self._enabled:
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            path = os.path.join(workdir, "metrics.jsonl")
+            if os.path.exists(path):
+                kept = [r for r in jsonio.read_jsonl(path) if r.get("step", 0) <= first_step]
+                jsonio.write_jsonl(path, kept)
+            self._jsonl = open(path, "a")  # noqa: SIM115
             self._summary = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
     def start(self, step: int) -> None:
@@ -66,8 +76,11 @@ class MetricsLog:
             record["eta_s"] = seconds_per_step * (self._total_steps - step)
         self._last = (step, now)
         if self._enabled:
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
+            try:
+                self._jsonl.write(json.dumps(record) + "\n")
+                self._jsonl.flush()
+            except OSError as error:  # a full disk, say: name the file
+                raise OSError(error.errno, error.strerror, self._jsonl.name) from error
             with self._summary.as_default(step=step):
                 for name, value in record.items():
                     if name != "step":

@@ -3,14 +3,15 @@
 Importable from notebooks and tests; ``python -m simclr_jax.train`` is a thin wrapper around it.
 The run is resumable: rerunning with the same workdir continues from the latest checkpoint, with
 the data stream continuing where it stopped. SIGTERM/SIGINT save a checkpoint and stop cleanly
-(with several processes, all of them at the next log or checkpoint step). The next batches are
+(with several processes, all of them at the next log or checkpoint step). One run at a time holds
+a workdir (:mod:`simclr_jax.workdir_lock`); a checkpoint that fails to save (a full disk) stops the
+run within a step, with the previous checkpoint intact. The next batches are
 assembled on the devices in a background thread while a step runs; the fraction of time the loop
 still waits for them is logged as ``data_wait_fraction``.
 """
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import signal
@@ -23,7 +24,17 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simclr_jax import checkpointing, parallel, prefetch, reporting, step, visualize
+from simclr_jax import (
+    checkpointing,
+    config_checks,
+    jsonio,
+    parallel,
+    prefetch,
+    reporting,
+    step,
+    visualize,
+    workdir_lock,
+)
 from simclr_jax.evaluation import features, protocols
 from simclr_jax.experiment import Experiment
 
@@ -78,13 +89,30 @@ class _WaitFraction:
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
     """Writes ``payload`` atomically (temporary file, then rename) from the first process only."""
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    if jax.process_index() == 0:
+        jsonio.write_json(path, payload)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str) -> Iterator[None]:
+    """Holds the workdir's lock for the block, taken by the first process only; when it cannot
+    (another run holds it), every process raises :class:`~simclr_jax.workdir_lock.WorkdirError`."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(workdir_lock.hold(workdir))
+            except workdir_lock.WorkdirError as error:
+                refusal = error
+        if jax.process_count() > 1:
+            refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+            if refused and refusal is None:
+                refusal = workdir_lock.WorkdirError(
+                    f"the first process cannot lock the workdir {workdir} (it says why)."
+                )
+        if refusal is not None:
+            raise refusal
+        yield
 
 
 def _log_step(
@@ -126,6 +154,7 @@ def _train(
     waits = _WaitFraction(batches)
     with _stop_requests() as stop_requests, contextlib.closing(batches):
         for current in range(start, experiment.total_steps):
+            checkpointer.check_saves()  # a save that failed in the background stops the run now
             batch = next(batches)
             state, metrics = train_step(state, batch, jax.random.fold_in(base_key, current))
             done = current + 1
@@ -142,6 +171,8 @@ def _train(
             should_save = at_save_step or is_last or stop
             if should_save:
                 checkpointer.save(done, state, experiment.compatibility(), force=True)
+                if jax.process_count() > 1:  # each process would notice a failure at its own step
+                    checkpointer.wait_until_finished()
             if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and not is_last:
                 evaluated = protocols.monitor(protocols.Run(experiment, state))
                 log.write(done, {f"eval_{name}": value for name, value in evaluated.items()})
@@ -194,18 +225,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Writes ``WORKDIR/config.json``, ``metrics.jsonl``, TensorBoard files under ``tensorboard/``,
     checkpoints under ``checkpoints/`` and, at the end, ``results.json`` (and, with a decoder,
     ``reconstructions.png``). With ``config.evaluate_at_end`` off, the results hold the run's
-    steps, times and throughput only.
+    steps, times and throughput only. The config is checked first
+    (:func:`simclr_jax.config_checks.check_config`), then the workdir's lock is taken
+    (``WORKDIR/lock``) and held to the end.
+
+    Raises:
+      simclr_jax.workdir_lock.WorkdirError: the workdir cannot be created, or another live run
+        holds it (:class:`~simclr_jax.workdir_lock.WorkdirInUseError`).
+      ValueError: a config value out of range, or a checkpoint that cannot be saved or restored
+        (:class:`~simclr_jax.checkpointing.CheckpointError`).
     """
     started = time.perf_counter()
+    config_checks.check_config(config)
     workdir = os.path.abspath(workdir)
+    with _workdir_lock(workdir):
+        return _locked_train_and_evaluate(config, workdir, started)
+
+
+def _locked_train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, started: float
+) -> dict[str, Any] | None:
+    """:func:`train_and_evaluate` in a workdir this run holds."""
+    mesh = parallel.data_mesh()
+    parallel.check_global_batch_size(config.global_batch_size, mesh, "global_batch_size")
+    parallel.check_global_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    experiment = Experiment(config, mesh)  # checks the data: bad input fails before any write
     checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
     )
     with contextlib.closing(checkpointer):
-        mesh = parallel.data_mesh()
-        parallel.check_global_batch_size(config.global_batch_size, mesh, "global_batch_size")
-        parallel.check_global_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-        experiment = Experiment(config, mesh)
         if jax.process_index() == 0:
             print(
                 f"kernels: {experiment.layers.name} (conv_impl={config.model.conv_impl!r})",
@@ -221,6 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             total_steps=experiment.total_steps,
             steps_per_epoch=experiment.steps_per_epoch,
             global_batch_size=config.global_batch_size,
+            first_step=int(state.step),
         )
         with contextlib.closing(log):
             train_started = time.perf_counter()

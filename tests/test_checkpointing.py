@@ -1,7 +1,10 @@
 """Checkpointer: round trips, keep-last-k, restores across meshes, and clear errors."""
 
+import errno
+import gc
 import os
 import shutil
+import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -9,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from simclr_jax import parallel, step
@@ -247,11 +251,90 @@ def test_corrupt_checkpoint_names_its_directory_and_the_fallback(tmp_path, corru
             checkpointer.restore(fresh_state(mesh))
     message = str(error.value)
     assert f"checkpoint {step_dir} cannot be read" in message
-    assert "Delete that directory to fall back to step 1" in message
+    assert "Evaluate an earlier step with --checkpoint=1 (steps found: [1])" in message
+    assert "or delete that directory to fall back to step 1." in message
     assert "\n" not in message  # one line, no storage-library traceback
 
     shutil.rmtree(step_dir)  # the suggested fix
     with Checkpointer(tmp_path) as checkpointer:
+        restored, _ = checkpointer.restore(fresh_state(mesh))
+    assert_states_equal(restored, first)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_array_chunk_is_named_without_storage_library_internals(tmp_path):
+    # Arrays this large are stored in chunk files of their own; Orbax wraps a failed chunk read
+    # in an error whose text ends with the repr of a C++ method instead of the cause.
+    mesh = mesh_of(8)
+    save_steps(tmp_path, {n: trained_state(mesh, seed=n, features=256) for n in (1, 2)})
+    chunks = [p for p in (tmp_path / "2" / "state").rglob("*") if p.parent.name == "d"]
+    largest = max(chunks, key=lambda p: p.stat().st_size)
+    data = largest.read_bytes()
+    largest.write_bytes(data[: len(data) // 2] + bytes(b ^ 0xFF for b in data[len(data) // 2 :]))
+
+    with Checkpointer(tmp_path) as checkpointer, pytest.raises(CheckpointError) as error:
+        checkpointer.restore(fresh_state(mesh, features=256))
+    gc.collect()  # the reads of the other arrays, abandoned, report here (filtered above)
+    message = str(error.value)
+    assert "Conv_0.kernel" in message  # the array whose chunk is damaged
+    assert "bound method" not in message and "pybind11" not in message
+    assert "--checkpoint=1" in message and "\n" not in message
+
+
+def test_read_only_creates_and_cleans_up_nothing(tmp_path):
+    missing = tmp_path / "missing"
+    with Checkpointer(missing, read_only=True) as checkpointer:
+        assert checkpointer.latest_step() is None
+    assert not missing.exists()
+
+    mesh = mesh_of(8)
+    save_steps(tmp_path / "run", {1: trained_state(mesh)})
+    in_progress = tmp_path / "run" / "2.orbax-checkpoint-tmp"  # another process's save
+    in_progress.mkdir()
+    with Checkpointer(tmp_path / "run", read_only=True) as checkpointer:
+        restored, _ = checkpointer.restore(fresh_state(mesh))
+    assert_states_equal(restored, trained_state(mesh))
+    assert in_progress.is_dir()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["1", in_progress.name]
+
+
+def _fail_the_second_metadata_write(monkeypatch):
+    """Makes the background part of the second save fail as on a full disk."""
+    save = ocp.JsonCheckpointHandler.async_save
+    calls = []
+
+    async def save_until_the_disk_is_full(self, directory, *args, **kwargs):
+        calls.append(directory)
+        if len(calls) < 2:
+            return await save(self, directory, *args, **kwargs)
+
+        async def write():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="full_disk")]
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", save_until_the_disk_is_full)
+
+
+def test_a_save_failing_in_the_background_on_a_full_disk_is_reported_at_once(tmp_path, monkeypatch):
+    mesh = mesh_of(8)
+    first = trained_state(mesh, seed=1)
+    _fail_the_second_metadata_write(monkeypatch)
+    with Checkpointer(tmp_path) as checkpointer:
+        assert checkpointer.save(1, first, METADATA)
+        checkpointer.wait_until_finished()
+        assert checkpointer.save(2, trained_state(mesh, seed=2), METADATA)
+        with pytest.raises(CheckpointError) as error:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # what the trainer does at every step
+                checkpointer.check_saves()
+                time.sleep(0.01)
+    message = str(error.value)
+    assert message.startswith(f"the disk is full: saving checkpoint {tmp_path / '2'} failed")
+    assert "the last complete checkpoint, step 1, is intact" in message
+    assert "a checkpoint takes about 1 MB" in message and "\n" not in message
+    assert steps_on_disk(tmp_path) == [1]
+    with Checkpointer(tmp_path, read_only=True) as checkpointer:
         restored, _ = checkpointer.restore(fresh_state(mesh))
     assert_states_equal(restored, first)
 

@@ -1,15 +1,18 @@
 """The evaluation suite end to end on a tiny pretraining run of the real (offline) Fashion-MNIST."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
+import cli_runs
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from simclr_jax import encoder, evaluate, parallel, step, trainer
+from simclr_jax import checkpointing, encoder, evaluate, parallel, step, trainer, workdir_lock
 from simclr_jax.configs import tiny
 from simclr_jax.data import pipeline
 from simclr_jax.evaluation import protocols
@@ -120,6 +123,57 @@ def test_features_count_every_example_once_when_batches_do_not_divide(run_dir):
         extracted["label"],
         pipeline.split_labels(config.dataset, config.eval_split, data_dir=config.data_dir),
     )
+
+
+def _corrupt_copy(run_dir, tmp_path):
+    """A copy of the run whose newest checkpoint (step 8) has lost its array metadata."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(run_dir, workdir, ignore=shutil.ignore_patterns("eval", "lock"))
+    (workdir / "checkpoints" / "8" / "state" / "_METADATA").unlink()
+    return workdir
+
+
+def test_a_damaged_checkpoint_names_the_earlier_step_to_evaluate(run_dir, tmp_path):
+    workdir = _corrupt_copy(run_dir, tmp_path)
+    plan = Experiment(encoder.read_run_config(str(workdir)), parallel.data_mesh())
+    with pytest.raises(checkpointing.CheckpointError) as error:
+        encoder.restore_state(plan, str(workdir))
+    message = str(error.value)
+    assert message.startswith(f"checkpoint {workdir}/checkpoints/8 cannot be read")
+    assert message.endswith(
+        "Evaluate an earlier step with --checkpoint=4 (steps found: [4]), or delete that "
+        "directory to fall back to step 4."
+    )
+    assert int(encoder.restore_state(plan, str(workdir), 4).step) == 4
+
+
+def test_a_damaged_checkpoint_of_a_run_still_training_is_not_to_be_deleted(run_dir, tmp_path):
+    workdir = _corrupt_copy(run_dir, tmp_path)
+    plan = Experiment(encoder.read_run_config(str(workdir)), parallel.data_mesh())
+    with workdir_lock.hold(str(workdir)), pytest.raises(checkpointing.CheckpointError) as error:
+        encoder.restore_state(plan, str(workdir))  # as evaluate does while the run trains
+    message = str(error.value)
+    assert message.startswith(
+        f"checkpoint {workdir}/checkpoints/8 cannot be read while the run that holds {workdir} "
+        f"(pid {os.getpid()} on "
+    )
+    assert "do not delete it" in message and "--checkpoint=STEP" in message
+    assert "delete that directory" not in message
+    assert (workdir / "checkpoints" / "8").is_dir()
+
+
+def test_evaluate_cli_on_a_workdir_without_checkpoints_is_one_line_and_writes_nothing(
+    run_dir, tmp_path
+):
+    workdir = tmp_path / "untrained"
+    workdir.mkdir()
+    shutil.copy(run_dir / "config.json", workdir)
+    result = cli_runs.run("simclr_jax.evaluate", f"--workdir={workdir}", "--protocol=knn")
+    assert result.returncode == 1
+    assert cli_runs.error_lines(result.stderr) == [
+        f"error: no checkpoint in {workdir / 'checkpoints'}; train the run first."
+    ]
+    assert sorted(p.name for p in workdir.iterdir()) == ["config.json"]
 
 
 def test_evaluate_cli_rejects_a_misspelt_override_in_one_line(tmp_path):

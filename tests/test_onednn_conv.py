@@ -3,7 +3,9 @@ computes them (simclr_jax.cpu.extension).
 
 Tests that run the extension skip, naming why, where it cannot be built here."""
 
+import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -141,9 +143,75 @@ def test_a_failing_compiler_is_reported(monkeypatch, tmp_path):
     skip_without_extension()
     monkeypatch.setenv("SIMCLR_JAX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "c++ -DNOT_A_FLAG_FOR_ME=1 --no-such-option")
-    with pytest.raises(extension.NativeUnavailableError, match=r"compiling the extension failed"):
+    with pytest.raises(extension.NativeUnavailableError) as error:
         extension.build_extension()
+    message = str(error.value)
+    assert message.startswith("compiling the extension with $CXX='c++ -DNOT_A_FLAG_FOR_ME=1")
+    assert "no-such-option" in message.split(" failed: ")[1] and "\n" not in message
     assert not list(tmp_path.iterdir())
+
+
+def test_a_cxx_that_is_not_there_is_named(monkeypatch, tmp_path):
+    skip_without_extension()  # oneDNN is installed: only the compiler is missing
+    monkeypatch.setenv("SIMCLR_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    with pytest.raises(extension.NativeUnavailableError) as error:
+        extension.build_extension()
+    assert str(error.value) == (
+        f"cannot run the C++ compiler $CXX={str(tmp_path / 'no-such-c++')!r}: "
+        "No such file or directory"
+    )
+    assert not list(tmp_path.iterdir())
+
+
+# A fresh process, as train, evaluate and the encoder API start: the kernels it gets, and the
+# extension's cache directory afterwards.
+AUTO_LAYERS = """
+from simclr_jax import cpu
+print(cpu.layers("auto").name)
+"""
+
+
+def test_a_missing_cxx_falls_back_with_one_warning_naming_it(tmp_path):
+    skip_without_extension()
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "SIMCLR_JAX_CACHE_DIR": str(tmp_path),
+        "CXX": "/no/such/c++",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", AUTO_LAYERS], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "subpixel_input_grads\n"
+    (warning,) = [line for line in result.stderr.splitlines() if "oneDNN kernels" in line]
+    assert warning.endswith(
+        "oneDNN kernels are unavailable, JAX's are used instead: cannot run the C++ compiler "
+        "$CXX='/no/such/c++': No such file or directory"
+    )
+
+
+def test_a_cached_build_is_used_without_any_compiler(monkeypatch, tmp_path):
+    skip_without_extension()
+    monkeypatch.setenv("SIMCLR_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+
+    def fake_compiler(command, **kwargs):  # "builds" by writing the output file
+        with open(command[command.index("-o") + 1], "wb") as f:
+            f.write(b"built")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_compiler)
+    built = extension.build_extension()
+    assert built.read_bytes() == b"built"
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again although the cache holds the extension")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no c++ or g++ on PATH
+    assert extension.build_extension() == built
 
 
 def test_explicit_onednn_fails_early_where_it_cannot_run(monkeypatch):

@@ -320,6 +320,25 @@ def test_image_folder_rejects_images_of_another_size(tmp_path):
         list(batches)
 
 
+def test_image_folder_names_every_unreadable_or_odd_sized_file_before_reading(tmp_path):
+    train = tmp_path / "train"
+    for name in ("a", "b", "c", "d"):
+        write_png(train / "shirt" / f"{name}.png", 1)
+    write_png(train / "shirt" / "e.png", 2, shape=(7, 5, 3))
+    (train / "shirt" / "b.png").write_bytes(b"not an image at all")
+    data = (train / "shirt" / "c.png").read_bytes()
+    (train / "shirt" / "c.png").write_bytes(data[:-8] + bytes(8))  # damaged last chunk
+    with pytest.raises(ValueError) as error:
+        pipeline.dataset_info("image_folder", "train", dataset_dir=str(tmp_path))
+    message = str(error.value)
+    assert message.startswith(f"image folder {train}: 2 unreadable file(s): {train}/shirt/b.png (")
+    assert f"{train}/shirt/c.png (" in message
+    first = f"the size of the first image {train}/shirt/a.png"
+    assert f"1 image(s) not 6x5 (height x width, {first})" in message
+    assert f"{train}/shirt/e.png is 7x5" in message
+    assert "\n" not in message and message.endswith("Fix, resize or remove them.")
+
+
 def test_unknown_dataset_name_suggests_close_names():
     with pytest.raises(ValueError, match=r"'cifar_10'.*Did you mean 'cifar10'"):
         pipeline.dataset_info("cifar_10", "train")

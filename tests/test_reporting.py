@@ -47,6 +47,31 @@ def test_metrics_log_writes_records_throughput_and_progress(tmp_path, monkeypatc
     assert list((tmp_path / "tensorboard").iterdir())
 
 
+def test_a_resumed_log_drops_records_past_its_checkpoint_and_a_torn_line(tmp_path, caplog):
+    # What a run killed after logging step 6 leaves, its checkpoint being step 4: steps 5 and 6
+    # will be trained (and logged) again, and the crash cut the last line in half.
+    path = tmp_path / "metrics.jsonl"
+    earlier = [{"step": s, "loss": 10.0 - s} for s in (2, 4)] + [{"step": 4, "eval_knn": 0.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*earlier, {"step": 6, "loss": 1.0}]))
+    with path.open("a") as f:
+        f.write('{"step": 8, "lo')
+    log = reporting.MetricsLog(
+        str(tmp_path),
+        total_steps=8,
+        steps_per_epoch=8,
+        global_batch_size=8,
+        first_step=4,
+        stream=io.StringIO(),
+    )
+    log.start(4)
+    resumed = log.write(6, {"loss": 3.0})
+    log.close()
+
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [*earlier, resumed]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"{path}: skipped 1 line(s)") and "(line 5)" in warning
+
+
 RUN = {
     "steps": 938,
     "epochs": 4.0,

@@ -4,19 +4,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
+import time
 from pathlib import Path
 
+import cli_runs
 import jax
 import numpy as np
 import pytest
 
-from simclr_jax import checkpointing, parallel, reporting, trainer
+from simclr_jax import checkpointing, parallel, reporting, trainer, workdir_lock
 from simclr_jax.configs import tiny
 from simclr_jax.data import pipeline
 from simclr_jax.experiment import Experiment
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -88,8 +87,19 @@ def test_resume_after_sigterm_reproduces_an_uninterrupted_run(config, tmp_path, 
         assert trainer.train_and_evaluate(config, resumed) is None  # stopped cleanly
     assert _final_params(config, resumed)[0] == 4
     assert not (Path(resumed) / "results.json").exists()
+    # What a run killed later would have left: records past its checkpoint, the last one torn.
+    metrics = Path(resumed) / "metrics.jsonl"
+    logged = metrics.read_text()
+    with metrics.open("a") as f:
+        f.write(json.dumps({"step": 6, "loss": -1.0}) + '\n{"step": 8, "lo')
     results = trainer.train_and_evaluate(config, resumed)
     assert results["steps"] == 8
+
+    # The log reads as one run: its own first part, then the resumed steps, each once.
+    assert metrics.read_text().startswith(logged)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert records[2]["loss"] > 0
 
     step_a, params_a = _final_params(config, straight)
     step_b, params_b = _final_params(config, resumed)
@@ -145,7 +155,7 @@ def test_bad_config_fails_early_with_a_clear_message(config, tmp_path, field, va
 def test_unwritable_workdir_fails_early(config, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    with pytest.raises(checkpointing.CheckpointError, match="a_file"):
+    with pytest.raises(workdir_lock.WorkdirError, match="a_file"):
         trainer.train_and_evaluate(config, str(blocker / "workdir"))
 
 
@@ -163,16 +173,8 @@ def test_missing_dataset_without_network_names_the_fix(config, tmp_path, monkeyp
         trainer.train_and_evaluate(config, str(tmp_path / "workdir"))
 
 
-def _cli(*args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", "simclr_jax.train", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+def _cli(*args, patch=""):
+    return cli_runs.run("simclr_jax.train", *args, patch=patch)
 
 
 def test_cli_rejects_a_misspelt_config_field(tmp_path):
@@ -194,3 +196,172 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     assert result.returncode == 1
     assert "cifar10" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_rejects_a_value_out_of_range_in_one_line_before_touching_the_workdir(tmp_path):
+    workdir = tmp_path / "run"
+    result = _cli("--config=tiny", f"--workdir={workdir}", "--config.base_learning_rate=-1")
+    assert result.returncode == 1
+    assert cli_runs.error_lines(result.stderr) == [
+        "error: config field base_learning_rate = -1.0 is invalid: it must be a finite number "
+        "above 0."
+    ]
+    assert not workdir.exists()
+
+
+def test_cli_names_a_corrupt_image_in_one_line_before_training(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images" / "train" / "shirts"
+    images.mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (16, 16), color=i).save(images / f"{i}.png")
+    (images / "1.png").write_bytes((images / "1.png").read_bytes()[:40])  # cut off
+    result = _cli(
+        "--config=tiny",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.dataset=image_folder",
+        f"--config.dataset_dir={tmp_path / 'images'}",
+        "--config.train_split=train",
+        "--config.eval_split=train",
+        "--config.probe_train_split=train",
+    )
+    assert result.returncode == 1
+    (line,) = cli_runs.error_lines(result.stderr)
+    assert line.startswith(f"error: image folder {tmp_path / 'images' / 'train'}: 1 unreadable")
+    assert str(images / "1.png") in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# Run before the training command, in its process (tests/cli_runs.py): the run pauses once step 4
+# is logged until the file $RESUME_WHEN exists.
+PAUSE_AT_STEP_4 = """
+import os, time
+from simclr_jax import reporting
+write = reporting.MetricsLog.write
+def write_then_pause(self, step, metrics):
+    record = write(self, step, metrics)
+    while step == 4 and not os.path.exists(os.environ["RESUME_WHEN"]):
+        time.sleep(0.1)
+    return record
+reporting.MetricsLog.write = write_then_pause
+"""
+
+
+def _wait_for_step(metrics, step, process, timeout=300):
+    """Waits until ``process`` has logged ``step`` in the ``metrics`` file."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        if metrics.exists() and f'"step": {step},' in metrics.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} was not logged in {timeout} s")
+
+
+def test_a_second_trainer_in_the_same_workdir_is_refused_and_the_first_finishes(
+    fashion_mnist_data_dir, tmp_path
+):
+    workdir = tmp_path / "run"
+    args = [
+        "--config=tiny",
+        f"--workdir={workdir}",
+        f"--config.data_dir={fashion_mnist_data_dir}",
+        "--config.evaluate_at_end=False",
+    ]
+    resume_when = tmp_path / "resume"
+    first = subprocess.Popen(
+        cli_runs.command("simclr_jax.train", *args, patch=PAUSE_AT_STEP_4),
+        cwd=cli_runs.REPO_ROOT,
+        env={**cli_runs.environment(), "RESUME_WHEN": str(resume_when)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_step(workdir / "metrics.jsonl", 4, first)
+        second = _cli(*args, "--config.seed=1")
+    finally:
+        resume_when.touch()
+        out, err = first.communicate(timeout=300)
+
+    assert second.returncode == 1
+    (line,) = cli_runs.error_lines(second.stderr)
+    assert line.startswith(f"error: workdir {workdir} is in use by pid {first.pid} on ")
+    assert first.returncode == 0, err
+    assert "Traceback" not in err and "resumed" not in out
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert json.loads((workdir / "config.json").read_text())["seed"] == 0
+    assert json.loads((workdir / "results.json").read_text())["steps"] == 8
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "8"]
+    assert workdir_lock.holder(str(workdir)) is None
+
+
+# The run sends itself SIGTERM once step 2 is logged, as a cluster scheduler would.
+SIGTERM_AT_STEP_2 = """
+import os, signal
+from simclr_jax import reporting
+write = reporting.MetricsLog.write
+def write_then_signal(self, step, metrics):
+    record = write(self, step, metrics)
+    if step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return record
+reporting.MetricsLog.write = write_then_signal
+"""
+
+
+def test_cli_stopped_by_sigterm_exits_75_with_its_checkpoint_saved(
+    fashion_mnist_data_dir, tmp_path
+):
+    workdir = tmp_path / "run"
+    args = ["--config=tiny", f"--workdir={workdir}", f"--config.data_dir={fashion_mnist_data_dir}"]
+    result = _cli(*args, "--config.evaluate_at_end=False", patch=SIGTERM_AT_STEP_2)
+    assert result.returncode == os.EX_TEMPFAIL == 75
+    assert f"stopped by signal {int(signal.SIGTERM)} at step 2" in result.stdout
+    assert cli_runs.error_lines(result.stderr) == []
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
+    assert not (workdir / "results.json").exists()
+
+
+# The background part of the second checkpoint's save fails as on a full disk.
+FULL_DISK_AT_THE_SECOND_SAVE = """
+import errno, os
+import orbax.checkpoint as ocp
+save = ocp.JsonCheckpointHandler.async_save
+calls = []
+async def save_until_the_disk_is_full(self, directory, *args, **kwargs):
+    calls.append(directory)
+    if len(calls) < 2:
+        return await save(self, directory, *args, **kwargs)
+    async def write():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
+    return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="full_disk")]
+ocp.JsonCheckpointHandler.async_save = save_until_the_disk_is_full
+"""
+
+
+def test_a_full_disk_stops_the_run_at_the_failed_save_in_one_line(
+    config, fashion_mnist_data_dir, tmp_path
+):
+    workdir = tmp_path / "run"
+    result = _cli(
+        "--config=tiny",
+        f"--workdir={workdir}",
+        f"--config.data_dir={fashion_mnist_data_dir}",
+        "--config.checkpoint_every_steps=2",  # saves at 2, 4 (fails), 6 and 8
+        "--config.log_every_steps=1",
+        patch=FULL_DISK_AT_THE_SECOND_SAVE,
+    )
+    assert result.returncode == 1
+    (line,) = cli_runs.error_lines(result.stderr)
+    assert line.startswith(
+        f"error: the disk is full: saving checkpoint {workdir / 'checkpoints' / '4'} failed "
+        f"(no space left on device in {workdir / 'checkpoints'}); the last complete checkpoint, "
+        "step 2, is intact."
+    )
+    logged = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").open()]
+    assert logged[-1] in (4, 5)  # stopped at once, not at the next save (step 6)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert _final_params(config, str(workdir))[0] == 2  # intact and restorable

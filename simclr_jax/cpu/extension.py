@@ -1,11 +1,15 @@
 """The library's C++ XLA FFI extension for XLA:CPU, built on first use: oneDNN convolutions
 (``onednn_conv.cc``) and batch norms fused with their ReLU and residual add (``batch_norm.cc``).
 
-The sources are compiled once per machine with the system C++ compiler against JAX's FFI headers
-and oneDNN (>= 3.0) into one shared library, then loaded and registered as XLA custom-call
-targets. The library is cached under ``$SIMCLR_JAX_CACHE_DIR`` (default ``~/.cache/simclr_jax``),
-keyed by a hash of the sources, the JAX version, the compiler and oneDNN's location, and written
-atomically, so concurrent processes may build it at once. oneDNN comes from the ``onednn`` extra
+The sources are compiled once per machine with the system C++ compiler (``$CXX``, else ``c++`` or
+``g++`` on ``PATH``) against JAX's FFI headers and oneDNN (>= 3.0) into one shared library, then
+loaded and registered as XLA custom-call targets. The library is cached under
+``$SIMCLR_JAX_CACHE_DIR`` (default ``~/.cache/simclr_jax``), keyed by a hash of the sources, the
+JAX version, ``$CXX`` as set (or unset) and the compile flags (which name oneDNN's location), and
+written atomically, so concurrent processes may build it at once. A cached build whose key matches
+is used without looking for a compiler, so a machine without one still uses a library built
+earlier. Any failure to build (no compiler, a ``$CXX`` that does not run or fails) is a
+:class:`NativeUnavailableError` naming the cause. oneDNN comes from the ``onednn`` extra
 (``pip install 'simclr_jax[onednn]'``: Intel's CPU-only wheels, with GNU OpenMP threads) or
 from ``$SIMCLR_JAX_ONEDNN_ROOT`` (a prefix holding ``include/oneapi/dnnl/dnnl.hpp`` and
 ``lib/libdnnl.so``).
@@ -58,11 +62,17 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "simclr_jax"
 
 
-def _compile_command(root: pathlib.Path) -> list[str]:
-    """The compiler call that builds the extension, less its ``-o OUTPUT``."""
+def _compiler() -> list[str]:
+    """The C++ compiler's command: ``$CXX`` (which may carry flags), else ``c++`` or ``g++``."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise NativeUnavailableError("no C++ compiler found (set $CXX or install g++)")
+    return compiler.split()
+
+
+def _compile_flags(root: pathlib.Path) -> list[str]:
+    """The compiler's arguments that build the extension against oneDNN under ``root``, less
+    its ``-o OUTPUT``."""
     if not (root / "include/oneapi/dnnl/dnnl.hpp").is_file():
         raise NativeUnavailableError(
             f"oneDNN's headers are not under {root}/include: install the extra "
@@ -72,7 +82,6 @@ def _compile_command(root: pathlib.Path) -> list[str]:
         raise NativeUnavailableError(f"oneDNN's library {root}/lib/libdnnl.so is missing")
     lib = root / "lib"
     return [
-        *compiler.split(),
         "-O3",
         "-std=c++17",
         "-shared",
@@ -89,15 +98,18 @@ def _compile_command(root: pathlib.Path) -> list[str]:
 
 def build_extension() -> pathlib.Path:
     """The built extension's path, compiling it first unless the cache already holds it."""
-    command = _compile_command(onednn_root())
+    flags = _compile_flags(onednn_root())
     key = hashlib.sha256(
         b"".join(source.read_bytes() for source in SOURCES)
         + jax.__version__.encode()
-        + " ".join(command).encode()
+        + os.environ.get("CXX", "").encode()
+        + " ".join(flags).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"native-{key}.so"
     if target.is_file():
         return target
+    command = [*_compiler(), *flags]
+    compiler = f"$CXX={os.environ['CXX']!r}" if os.environ.get("CXX") else command[0]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
@@ -111,11 +123,14 @@ def build_extension() -> pathlib.Path:
             result = subprocess.run([*command, "-o", partial], capture_output=True, text=True)
         except OSError as error:  # e.g. $CXX names a compiler that is not there
             raise NativeUnavailableError(
-                f"cannot run the C++ compiler {command[0]}: {error}"
+                f"cannot run the C++ compiler {compiler}: {error.strerror}"
             ) from error
         if result.returncode != 0:
+            lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+            first_error = next((line for line in lines if "error" in line), None)
+            detail = first_error or (lines[-1] if lines else f"exit status {result.returncode}")
             raise NativeUnavailableError(
-                f"compiling the extension failed:\n{result.stderr[-2000:]}"
+                f"compiling the extension with {compiler} failed: {detail[:300]}"
             )
         os.replace(partial, target)  # atomic: readers see the whole library or none
     finally:

@@ -14,9 +14,13 @@ Datasets:
   follow the sorted class-folder names, gathered over all splits so that every split numbers the
   classes alike. Images placed directly in `dataset_dir/<split>/` are unlabelled (label -1).
   The first image of a split (in sorted path order) fixes its shape: every image must have the
-  same height and width (reading one that differs fails, naming the file). Channels are
-  converted to the first image's: grayscale stays 1 channel, colour becomes RGB, alpha is
-  dropped.
+  same height and width. Channels are converted to the first image's: grayscale stays 1
+  channel, colour becomes RGB, alpha is dropped. `dataset_info` checks every image of the split
+  first (so a run finds bad files before it trains): each file is opened with PIL, which reads
+  its header (format and size) and, for PNG, checks every chunk's checksum, without decoding the
+  pixels. Unreadable files and files of another size are reported in one error naming them. (A
+  file that passes and still fails to decode, or a split read without `dataset_info`, fails when
+  read, naming the file.)
 
 Per-process slices are contiguous and differ in size by at most one example: TFDS datasets use
 `tfds.split_for_jax_process`; folders split their sorted file list the same way.
@@ -28,6 +32,7 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+import PIL.Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -76,7 +81,7 @@ def dataset_info(
     `dataset_dir` is the folder and `split` one of its subfolders.
     """
     if name == IMAGE_FOLDER:
-        return _FolderSplit.load(dataset_dir, split).info
+        return _FolderSplit.load(dataset_dir, split, check_images=True).info
     builder = _prepared_builder(name, data_dir)
     return _tfds_info(builder, name, split)
 
@@ -208,7 +213,9 @@ class _FolderSplit:
     labels: tuple[int, ...]
 
     @classmethod
-    def load(cls, dataset_dir: str | None, split: str) -> "_FolderSplit":
+    def load(
+        cls, dataset_dir: str | None, split: str, check_images: bool = False
+    ) -> "_FolderSplit":
         _check_folder(dataset_dir)
         splits = _subfolders(dataset_dir)
         if split not in splits:
@@ -230,6 +237,8 @@ class _FolderSplit:
             )
         files.sort()
         paths, labels = zip(*files, strict=True)
+        if check_images:
+            _check_images(split_dir, paths)
         info = DatasetInfo(
             name=IMAGE_FOLDER,
             num_examples=len(paths),
@@ -284,6 +293,48 @@ def _image_files(directory: str) -> list[str]:
         for e in os.scandir(directory)
         if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
     )
+
+
+def _listed(items: list[str], limit: int = 3) -> str:
+    """``items`` joined, the first ``limit`` of them, with how many more there are."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _check_images(split_dir: str, paths: tuple[str, ...]) -> None:
+    """Opens every image with PIL (its header; for PNG, every chunk's checksum) and raises one
+    ValueError naming the files that cannot be read and those of another size than the first."""
+    unreadable, other_size, expected = [], [], None
+    for path in paths:
+        try:
+            with PIL.Image.open(path) as image:
+                width, height = image.size
+                image.verify()
+        except Exception as error:  # PIL raises many types for damaged files
+            reason = (
+                "not an image file PIL can read"
+                if isinstance(error, PIL.UnidentifiedImageError)
+                else f"{type(error).__name__}: {error}"
+            )
+            unreadable.append(f"{path} ({reason})")
+            continue
+        if expected is None:
+            expected = (height, width, path)
+        elif (height, width) != expected[:2]:
+            other_size.append(f"{path} is {height}x{width}")
+    problems = []
+    if unreadable:
+        problems.append(f"{len(unreadable)} unreadable file(s): {_listed(unreadable)}")
+    if other_size:
+        height, width, first = expected
+        problems.append(
+            f"{len(other_size)} image(s) not {height}x{width} (height x width, the size of the "
+            f"first image {first}): {_listed(other_size)}"
+        )
+    if problems:
+        raise ValueError(
+            f"image folder {split_dir}: {'; '.join(problems)}. Fix, resize or remove them."
+        )
 
 
 def _first_image_shape(path: str) -> tuple[int, int, int]:

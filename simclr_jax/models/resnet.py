@@ -52,12 +52,13 @@ _LAYOUTS: dict[int, _Layout] = {
     152: _Layout(True, (3, 8, 36, 3)),
     200: _Layout(True, (3, 24, 36, 3)),
 }
+DEPTHS = tuple(sorted(_LAYOUTS))  # the ResNet depths there are layouts for
 
 
 def _layout(depth: int) -> _Layout:
     """The block type and blocks per group of a ResNet depth; ValueError for unknown depths."""
     if depth not in _LAYOUTS:
-        raise ValueError(f"Unsupported ResNet depth {depth!r}; valid depths: {sorted(_LAYOUTS)}.")
+        raise ValueError(f"Unsupported ResNet depth {depth!r}; valid depths: {list(DEPTHS)}.")
     return _LAYOUTS[depth]
 
 

@@ -1,0 +1,136 @@
+"""The ranges of a run config's numeric fields, checked before a run starts.
+
+:func:`check_config` is called by :func:`simclr_jax.trainer.train_and_evaluate` before it touches
+the workdir, and by :class:`simclr_jax.experiment.Experiment`, which every command builds: a value
+out of range (a negative learning rate, a 3-pixel image, a batch of 0) is one error line naming
+the field and the value, instead of a run that trains in the wrong direction or fails deep inside
+a library. ``simclr_jax/configs/default.py`` documents what each field means.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from simclr_jax.models.resnet import DEPTHS
+
+MIN_IMAGE_SIZE = 8  # below this, crops and the ResNet's strides leave nothing to learn from
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive(value: Any) -> bool:
+    return _number(value) and value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return _number(value) and value >= 0
+
+
+def _probability(value: Any) -> bool:
+    return _number(value) and 0 <= value <= 1
+
+
+def _fraction(value: Any) -> bool:
+    return _number(value) and 0 < value <= 1
+
+
+def _int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda value: _integer(value) and value >= low
+
+
+def _each(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """A tuple (or list) whose every element passes ``check``."""
+    return lambda values: isinstance(values, tuple | list) and all(map(check, values))
+
+
+_AT_LEAST_1 = (_int_at_least(1), "an integer of at least 1")
+_AT_LEAST_0 = (_int_at_least(0), "an integer of at least 0")
+_POSITIVE = (_positive, "a finite number above 0")
+_NON_NEGATIVE = (_non_negative, "a finite number of at least 0")
+_PROBABILITY = (_probability, "a probability, in [0, 1]")
+
+# field -> (check, what the value must be)
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "image_size": (
+        lambda v: _integer(v) and (v == 0 or v >= MIN_IMAGE_SIZE),
+        f"0 (the dataset's own side) or an integer of at least {MIN_IMAGE_SIZE}",
+    ),
+    "eval_center_crop": (lambda v: v == 0 or _fraction(v), "0 (no crop) or in (0, 1]"),
+    "shuffle_buffer": _AT_LEAST_1,
+    "augment.crop_area_min": (_fraction, "in (0, 1]"),
+    "augment.flip_prob": _PROBABILITY,
+    "augment.color_jitter_strength": _NON_NEGATIVE,
+    "augment.color_jitter_prob": _PROBABILITY,
+    "augment.grayscale_prob": _PROBABILITY,
+    "augment.blur_prob": _PROBABILITY,
+    "augment.rotation_degrees": (lambda v: _number(v) and 0 <= v <= 180, "in [0, 180]"),
+    "model.depth": (lambda v: v in DEPTHS, f"one of {', '.join(map(str, DEPTHS))}"),
+    "model.width_multiplier": _POSITIVE,
+    "model.base_width": _AT_LEAST_1,
+    "model.projection_layers": _AT_LEAST_1,
+    "model.projection_dim": _AT_LEAST_1,
+    "temperature": _POSITIVE,
+    "loss_block_size": _AT_LEAST_0,
+    "hybrid.reconstruction_weight": _NON_NEGATIVE,
+    "hybrid.kl_weight": _NON_NEGATIVE,
+    "hybrid.decoder_channels": _AT_LEAST_1,
+    "hybrid.latent_dim": _AT_LEAST_1,
+    "base_learning_rate": _POSITIVE,
+    "weight_decay": _NON_NEGATIVE,
+    "momentum": (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
+    "global_batch_size": _AT_LEAST_1,
+    "epochs": _POSITIVE,
+    "warmup_epochs": _NON_NEGATIVE,
+    "num_train_steps": (_integer, "an integer (at most 0: derived from epochs)"),
+    "seed": (_integer, "an integer"),
+    "log_every_steps": _AT_LEAST_1,
+    "checkpoint_every_steps": _AT_LEAST_1,
+    "keep_checkpoints": _AT_LEAST_1,
+    "eval_every_steps": _AT_LEAST_0,
+    "eval_batch_size": _AT_LEAST_1,
+    "linear_probe_holdout_fraction": (lambda v: _number(v) and 0 < v < 1, "in (0, 1)"),
+    "linear_probe_patience": _AT_LEAST_1,
+    "evaluation.seed": (_integer, "an integer"),
+    "evaluation.knn_ks": (_each(_int_at_least(1)), "integers of at least 1"),
+    "evaluation.knn_temperature": _POSITIVE,
+    "evaluation.label_budgets": (_each(_int_at_least(1)), "integers of at least 1"),
+    "evaluation.linear_sgd.epochs": _POSITIVE,
+    "evaluation.linear_sgd.batch_size": _AT_LEAST_1,
+    "evaluation.linear_sgd.base_learning_rate": _POSITIVE,
+    "evaluation.finetune.fractions": (_each(_fraction), "fractions in (0, 1]"),
+    "evaluation.finetune.epochs": (_each(_positive), "finite numbers above 0"),
+    "evaluation.finetune.batch_size": _AT_LEAST_1,
+    "evaluation.finetune.base_learning_rate": _POSITIVE,
+    "evaluation.finetune.head_layers": _AT_LEAST_0,
+    "evaluation.embedding_points": (_int_at_least(2), "an integer of at least 2"),
+    "evaluation.retrieval_queries": _AT_LEAST_1,
+    "evaluation.retrieval_k": _AT_LEAST_1,
+    "evaluation.view_pairs": _AT_LEAST_1,
+}
+
+
+def _field(config: ml_collections.ConfigDict, name: str) -> Any:
+    value = config
+    for part in name.split("."):
+        value = value[part]
+    return value
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every numeric field of ``config`` against :data:`RULES`.
+
+    Raises:
+      ValueError: the first field out of range, naming it, its value and the range.
+    """
+    for name, (check, expected) in RULES.items():
+        value = _field(config, name)
+        if not check(value):
+            raise ValueError(f"config field {name} = {value!r} is invalid: it must be {expected}.")

@@ -1,0 +1,76 @@
+"""JSON and JSON Lines files that a crash never leaves half written, and a tolerant JSONL reader.
+
+Whole files are written to a temporary file beside the target, flushed to disk, then renamed over
+it: a reader sees the old file or the new one, never a part. An appended JSONL line can still be
+cut off by a crash or a full disk; :func:`read_jsonl` skips such a line (and any other that is
+not JSON) with one warning naming the file, instead of failing.
+"""
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+_log = logging.getLogger(__name__)
+
+
+def _write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file; an OSError (a full disk, say) names
+    ``path``, which keeps its old content."""
+    path = os.fspath(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, path) from error
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0o600 would hide results from other users
+        os.replace(tmp, path)
+    except OSError as error:
+        os.unlink(tmp)
+        raise OSError(error.errno, error.strerror, path) from error
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Writes ``payload`` to ``path`` as indented JSON, atomically."""
+    _write_atomically(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
+    """Writes ``records`` to ``path``, one JSON object per line, atomically."""
+    _write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON Lines file; lines that are not JSON objects (such as a last line cut
+    off by a crash) are skipped, with one warning naming the file and the lines."""
+    records, skipped = [], []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                skipped.append(number)
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        _log.warning(
+            "%s: skipped %d line(s) that are not JSON records (line %s), e.g. cut off by a crash.",
+            os.fspath(path),
+            len(skipped),
+            shown,
+        )
+    return records

@@ -1,0 +1,67 @@
+"""Every numeric config field is checked before a run starts: a value out of range is one line
+naming the field and the value."""
+
+import math
+import re
+
+import pytest
+
+from simclr_jax import config_checks, configs
+from simclr_jax.configs import tiny
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("base_learning_rate", -1.0),  # would train in the wrong direction
+        ("base_learning_rate", math.inf),
+        ("image_size", 3),
+        ("image_size", -16),
+        ("global_batch_size", 0),
+        ("global_batch_size", -4),
+        ("eval_batch_size", 0),
+        ("temperature", 0.0),
+        ("temperature", math.nan),
+        ("epochs", 0.0),
+        ("warmup_epochs", -1.0),
+        ("weight_decay", -1e-4),
+        ("momentum", 1.0),
+        ("loss_block_size", -1),
+        ("eval_center_crop", 1.5),
+        ("shuffle_buffer", 0),
+        ("augment.crop_area_min", 0.0),
+        ("augment.flip_prob", 1.5),
+        ("augment.rotation_degrees", -10.0),
+        ("model.depth", 19),
+        ("model.base_width", 0),
+        ("model.width_multiplier", 0.0),
+        ("model.projection_dim", 0),
+        ("hybrid.reconstruction_weight", -1.0),
+        ("log_every_steps", 0),
+        ("checkpoint_every_steps", 0),
+        ("keep_checkpoints", 0),
+        ("eval_every_steps", -1),
+        ("linear_probe_holdout_fraction", 1.0),
+        ("linear_probe_patience", 0),
+        ("evaluation.knn_ks", (20, 0)),
+        ("evaluation.knn_temperature", 0.0),
+        ("evaluation.finetune.fractions", (0.0, 1.0)),
+        ("evaluation.linear_sgd.epochs", -1.0),
+    ],
+)
+def test_a_value_out_of_range_is_one_line_naming_the_field_and_value(field, value):
+    config = tiny.get_config()
+    config.update_from_flattened_dict({field: value})
+    with pytest.raises(ValueError) as error:
+        config_checks.check_config(config)
+    message = str(error.value)
+    assert re.fullmatch(
+        rf"config field {re.escape(field)} = .+ is invalid: it must be .+\.", message
+    )
+    assert f"= {value!r} is" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", configs.names())
+def test_every_shipped_config_passes(name):
+    config_checks.check_config(configs.load(name))
