@@ -13,7 +13,7 @@ NEWEST_VENV ?= .venv-newest
 # end-to-end training (tests/test_wheel.py runs the installed wheel on $(NEWEST_PYTHON) as well).
 NEWEST_TESTS ?= test_losses.py test_blockwise_loss.py test_models.py test_step.py test_optim.py \
   test_kernels.py test_batch_norm.py test_onednn_conv.py test_checkpointing.py test_configs.py \
-  test_trainer.py
+  test_trainer.py test_workdir_lock.py test_jsonio.py test_config_checks.py
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: install tpu-compiler fashion-mnist-files train evaluate test test-newest lint format

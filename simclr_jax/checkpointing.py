@@ -17,21 +17,22 @@ intact until its successor is complete. Leftover temporary directories are remov
 Saving is asynchronous: :meth:`Checkpointer.save` returns once the arrays are copied off the
 accelerator (so the caller may donate or overwrite the state) and the files are written in the
 background. Call :meth:`Checkpointer.wait_until_finished` or :meth:`Checkpointer.close` (or use the
-checkpointer as a context manager) before the process exits.
+checkpointer as a context manager) before the process exits. A multi-process training run waits
+for each save (:mod:`simclr_jax.trainer`), so that all its processes learn of a failure together.
 
 A save that fails in the background (a full disk, say) is reported by the next
 :meth:`Checkpointer.check_saves`, which never waits for a save in progress: called at every
-training step, it stops a run within a step of the failure, with the last complete checkpoint
-intact.
+training step, it stops a run within a step of the failure being noticed, with the last complete
+checkpoint intact. The next :meth:`Checkpointer.save` waits for the previous one and reports its
+failure.
 
 A :class:`Checkpointer` opened ``read_only`` (to evaluate a run, possibly while it trains) creates,
 cleans up and writes nothing.
 
 Every failure a user can fix (an unwritable directory, a full disk, a checkpoint of another config,
 arrays of other shapes, a corrupt step directory) raises :class:`CheckpointError` with the path and
-the fix. Orbax also logs the traceback of each failure it raises; those logged copies are dropped
-(:class:`OrbaxTracebackFilter`, installed by the command lines), so that the one-line message is
-all a user sees.
+the fix. Orbax also logs each failure it raises, with its traceback; the command lines strip those
+tracebacks (:class:`OrbaxTracebackFilter`), so that no traceback buries the one-line message.
 """
 
 import errno
@@ -71,16 +72,19 @@ class CorruptCheckpointError(CheckpointError):
 
 
 class OrbaxTracebackFilter(logging.Filter):
-    """Drops the tracebacks Orbax logs (on the ``absl`` logger) for failures it also raises.
+    """Strips the tracebacks from Orbax's log records (on the ``absl`` logger), keeping the
+    messages.
 
-    The :class:`Checkpointer` turns each of those failures into a one-line
-    :class:`CheckpointError`; the command lines install this filter so that the logged copies
-    do not bury that line.
+    The :class:`Checkpointer` turns each failure Orbax raises into a one-line
+    :class:`CheckpointError`; the command lines install this filter so that the tracebacks Orbax
+    also logs do not bury that line.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        in_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
-        return not (in_orbax and record.exc_info)
+        if f"{os.sep}orbax{os.sep}" in record.pathname:
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def _describe(error: BaseException) -> str:
@@ -169,8 +173,7 @@ def _remove_unfinished_saves(directory: epath.Path) -> None:
         return
     for path in directory.iterdir():
         if _TMP_SUFFIX in path.name and path.is_dir():
-            # Errors ignored: the writes of a save that just failed in this process may still
-            # be landing in it. What stays behind is never taken for a checkpoint.
+            # Errors ignored: what stays behind is never taken for a checkpoint.
             shutil.rmtree(os.fspath(path), ignore_errors=True)
 
 
@@ -247,8 +250,9 @@ class Checkpointer:
         """Starts saving ``state`` and the JSON-serialisable ``metadata`` as checkpoint ``step``.
 
         Returns whether a checkpoint is being written: False when the save interval skips
-        ``step`` or when a checkpoint at or after ``step`` exists (unless ``force``). A failure
-        of the previous save, still unreported, is raised here.
+        ``step`` or when a checkpoint at or after ``step`` exists (unless ``force``). A save that
+        is written first waits for the previous one (as Orbax would), so that a failure of either
+        names its own step directory; a skipped one reports a failure that has already ended.
         """
         try:
             json.dumps(metadata)
@@ -261,7 +265,10 @@ class Checkpointer:
                 f"checkpoint step {step} already exists in {self.directory}; delete "
                 f"{self._step_directory(step)} to overwrite it."
             )
-        self.check_saves()
+        if force or self._manager.should_save(step):
+            self.wait_until_finished()
+        else:
+            self.check_saves()
         try:
             started = self._manager.save(
                 step,
@@ -274,8 +281,7 @@ class Checkpointer:
                 force=force,
             )
         except Exception as error:
-            failed = self._saving if self._saving is not None else step  # maybe the previous
-            raise self._save_failed(failed, error) from error
+            raise self._save_failed(step, error) from error
         if started:
             self._saving = step
         return started
@@ -327,9 +333,11 @@ class Checkpointer:
             self._saving = None
 
     def close(self) -> None:
-        """Waits for saves in progress, then releases Orbax's resources."""
-        self.wait_until_finished()
-        self._manager.close()
+        """Waits for saves in progress, then releases Orbax's resources, even when a save failed."""
+        try:
+            self.wait_until_finished()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
         return self

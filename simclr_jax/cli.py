@@ -1,7 +1,8 @@
 """What the command lines (``simclr_jax.train``, ``simclr_jax.evaluate``, ``simclr_jax.benchmark``)
 share: the ``--config`` flag (a shipped config's name or a file's path, with
 ``--config.FIELD=VALUE`` overrides), flag parsing that reports a bad override in one line, a
-start with huge pages for malloc, and failures reported in one line without library tracebacks."""
+start with huge pages for malloc, and, for the two that read checkpoints (training and
+evaluation), Orbax's logged tracebacks kept off the terminal."""
 
 import ast
 import contextlib

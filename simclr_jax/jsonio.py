@@ -9,7 +9,7 @@ not JSON) with one warning naming the file, instead of failing.
 import json
 import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,8 +20,10 @@ def _write_atomically(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file; an OSError (a full disk, say) names
     ``path``, which keeps its old content."""
     path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{secrets.token_hex(8)}")
     try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+        # Mode 0o666 less the umask (applied by the kernel), as open() would give the file.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as error:
         raise OSError(error.errno, error.strerror, path) from error
     try:
@@ -29,7 +31,6 @@ def _write_atomically(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0o600 would hide results from other users
         os.replace(tmp, path)
     except OSError as error:
         os.unlink(tmp)

@@ -3,6 +3,7 @@
 Only the first process writes; the others keep quiet so that a multi-host run logs once.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ class MetricsLog:
     augmented views (two per example), as the benchmarks do. A run that resumes from the
     checkpoint of step ``first_step`` first drops the records an earlier run logged after that
     step, and any line a crash cut off (the file is rewritten atomically), so that
-    ``metrics.jsonl`` reads as one run.
+    ``metrics.jsonl`` reads as one run. ``first_step`` is 0 for a run from scratch.
     """
 
     def __init__(
@@ -45,7 +46,7 @@ class MetricsLog:
         total_steps: int,
         steps_per_epoch: int,
         global_batch_size: int,
-        first_step: int = 0,
+        first_step: int,
         stream: TextIO | None = None,
     ):
         self._enabled = jax.process_index() == 0
@@ -54,12 +55,12 @@ class MetricsLog:
         self._views_per_step = 2 * global_batch_size
         self._stream = stream or sys.stdout  # looked up now: redirect_stdout applies
         self._last: tuple[int, float] | None = None
+        self._path = os.path.join(workdir, "metrics.jsonl")
         if self._enabled:
-            path = os.path.join(workdir, "metrics.jsonl")
-            if os.path.exists(path):
-                kept = [r for r in jsonio.read_jsonl(path) if r.get("step", 0) <= first_step]
-                jsonio.write_jsonl(path, kept)
-            self._jsonl = open(path, "a")  # noqa: SIM115
+            if os.path.exists(self._path):
+                kept = [r for r in jsonio.read_jsonl(self._path) if r.get("step", 0) <= first_step]
+                jsonio.write_jsonl(self._path, kept)
+            self._jsonl = open(self._path, "a")  # noqa: SIM115
             self._summary = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
     def start(self, step: int) -> None:
@@ -80,7 +81,10 @@ class MetricsLog:
                 self._jsonl.write(json.dumps(record) + "\n")
                 self._jsonl.flush()
             except OSError as error:  # a full disk, say: name the file
-                raise OSError(error.errno, error.strerror, self._jsonl.name) from error
+                # Closed now: its buffer still holds the line, which close() would fail on again.
+                with contextlib.suppress(OSError):
+                    self._jsonl.close()
+                raise self._named(error) from error
             with self._summary.as_default(step=step):
                 for name, value in record.items():
                     if name != "step":
@@ -105,9 +109,18 @@ class MetricsLog:
             parts.append(f"ETA {format_duration(record['eta_s'])}")
         return "  ".join(parts)
 
+    def _named(self, error: OSError) -> OSError:
+        """``error`` naming ``metrics.jsonl``."""
+        return OSError(error.errno, error.strerror, self._path)
+
     def close(self) -> None:
-        if self._enabled:
+        if not self._enabled:
+            return
+        try:
             self._jsonl.close()
+        except OSError as error:
+            raise self._named(error) from error
+        finally:
             self._summary.close()
 
 

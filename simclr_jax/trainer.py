@@ -5,7 +5,8 @@ The run is resumable: rerunning with the same workdir continues from the latest 
 the data stream continuing where it stopped. SIGTERM/SIGINT save a checkpoint and stop cleanly
 (with several processes, all of them at the next log or checkpoint step). One run at a time holds
 a workdir (:mod:`simclr_jax.workdir_lock`); a checkpoint that fails to save (a full disk) stops the
-run within a step, with the previous checkpoint intact. The next batches are
+run, with the previous checkpoint intact: within a step of the failure being noticed, or, with
+several processes (which wait for each save), at that save on every process. The next batches are
 assembled on the devices in a background thread while a step runs; the fraction of time the loop
 still waits for them is logged as ``data_wait_fraction``.
 """
@@ -59,6 +60,13 @@ def _stop_requests() -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
+def _on_any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process; with several, every process must call this."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.max(multihost_utils.process_allgather(np.array(flag, np.int32))))
+
+
 def _agreed_stop(requested: bool, at_sync_point: bool) -> bool:
     """Whether every process stops now, given this process's own stop request.
 
@@ -66,12 +74,35 @@ def _agreed_stop(requested: bool, at_sync_point: bool) -> bool:
     the ones still training wait forever in the step's collectives: they only stop at sync points
     (log and checkpoint steps, the same on every process), when any of them has been asked.
     """
-    if jax.process_count() == 1:
-        return requested
-    if not at_sync_point:
+    if jax.process_count() > 1 and not at_sync_point:
         return False
-    flags = multihost_utils.process_allgather(np.array(requested, np.int32))
-    return bool(np.max(flags))
+    return _on_any_process(requested)
+
+
+def _save(
+    checkpointer: checkpointing.Checkpointer,
+    done: int,
+    state: step.TrainState,
+    metadata: dict[str, Any],
+) -> None:
+    """Starts saving checkpoint ``done``. With several processes, waits for the save and raises
+    on every process when it failed on any: a process raising alone would leave the others
+    waiting forever in the next collective."""
+    if jax.process_count() == 1:
+        checkpointer.save(done, state, metadata, force=True)
+        return
+    failure = None
+    try:
+        checkpointer.save(done, state, metadata, force=True)
+        checkpointer.wait_until_finished()
+    except Exception as error:  # raised below, once every process knows
+        failure = error
+    if _on_any_process(failure is not None):
+        raise failure or checkpointing.CheckpointError(
+            f"saving checkpoint {os.path.join(checkpointer.directory, str(done))} failed on "
+            "another process (its error says why); fix the cause, then rerun the same command "
+            "to resume."
+        )
 
 
 class _WaitFraction:
@@ -96,13 +127,14 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def _workdir_lock(workdir: str) -> Iterator[None]:
     """Holds the workdir's lock for the block, taken by the first process only; when it cannot
-    (another run holds it), every process raises :class:`~simclr_jax.workdir_lock.WorkdirError`."""
+    (another run holds it, or any other failure), every process raises: the first its error, the
+    others :class:`~simclr_jax.workdir_lock.WorkdirError`."""
     with contextlib.ExitStack() as stack:
-        refusal = None
+        refusal: Exception | None = None
         if jax.process_index() == 0:
             try:
                 stack.enter_context(workdir_lock.hold(workdir))
-            except workdir_lock.WorkdirError as error:
+            except Exception as error:  # raised below, once the other processes know
                 refusal = error
         if jax.process_count() > 1:
             refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
@@ -170,9 +202,7 @@ def _train(
                 _log_step(done, metrics, log, waits, checkpointer)
             should_save = at_save_step or is_last or stop
             if should_save:
-                checkpointer.save(done, state, experiment.compatibility(), force=True)
-                if jax.process_count() > 1:  # each process would notice a failure at its own step
-                    checkpointer.wait_until_finished()
+                _save(checkpointer, done, state, experiment.compatibility())
             if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and not is_last:
                 evaluated = protocols.monitor(protocols.Run(experiment, state))
                 log.write(done, {f"eval_{name}": value for name, value in evaluated.items()})

@@ -3,8 +3,9 @@
 The lock is ``flock(2)`` on that file, held while the process holds the file open: the kernel
 releases it when the process ends, however it ends (a crash or ``kill -9`` included), so a
 dead run never leaves a workdir locked. The file, which stays behind, names the last holder
-(process id, host, start time); only a live lock means anything. ``flock`` locks are local to a
-machine, and on some network file systems they are not shared between machines at all.
+(process id, host, start time); only a live lock means anything. On Linux an NFS mount shares the
+lock between machines (unless mounted with ``nolock`` or ``local_lock``); some other network file
+systems keep it to one machine, and where a file system refuses ``flock``, so does :func:`hold`.
 """
 
 import contextlib
@@ -12,9 +13,12 @@ import datetime
 import fcntl
 import os
 import socket
+import time
 from collections.abc import Iterator
 
 LOCK_FILE = "lock"
+# How long hold() retries a lock held by another process: holder() holds it for an instant.
+_RETRY_SECONDS = 1.0
 
 
 class WorkdirError(RuntimeError):
@@ -32,39 +36,59 @@ def _describe_holder(fd: int) -> str:
     return " ".join(text.split()) or "another process"
 
 
+def _lock(fd: int, path: str) -> bool:
+    """Takes the exclusive lock on ``fd`` (the lock file ``path``); False when another process
+    holds it for longer than :data:`_RETRY_SECONDS`.
+
+    Raises:
+      WorkdirError: the file system does not support the lock.
+    """
+    deadline = time.monotonic() + _RETRY_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        except OSError as error:  # ENOLCK or EOPNOTSUPP on some network file systems
+            raise WorkdirError(
+                f"cannot lock {path} ({error.strerror}): its file system may not support flock "
+                "locks; choose a --workdir on another file system, such as a local disk."
+            ) from error
+
+
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
     """Holds ``WORKDIR/lock`` (creating the workdir if needed) for the block.
 
     Raises:
       WorkdirInUseError: another live process holds it (the message names the workdir and it).
-      WorkdirError: the workdir cannot be created, or its lock file opened.
+      WorkdirError: the workdir cannot be created, or its lock file opened or locked.
     """
+    path = os.path.join(workdir, LOCK_FILE)
     try:
         os.makedirs(workdir, exist_ok=True)
-        fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
         raise WorkdirError(
             f"cannot use {workdir} as a workdir ({error.strerror}: {error.filename}); choose a "
             "workdir you can write to."
         ) from error
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock(fd, path):
             raise WorkdirInUseError(
                 f"workdir {workdir} is in use by {_describe_holder(fd)}; wait for that run to "
                 "end (or stop it), or choose another --workdir."
-            ) from None
+            )
         since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         me = f"pid {os.getpid()} on {socket.gethostname()} since {since}\n"
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, me.encode(), 0)
         except OSError as error:  # a full disk, say
-            raise WorkdirError(
-                f"cannot write the lock file {os.path.join(workdir, LOCK_FILE)} ({error.strerror})."
-            ) from error
+            raise WorkdirError(f"cannot write the lock file {path} ({error.strerror}).") from error
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -1,14 +1,18 @@
 """The command lines run as a user runs them, in a subprocess, optionally with a patch applied
 first (to stop, pause or break a run at a chosen moment); and their stderr without the start-up
-lines TensorFlow prints before anything else."""
+lines TensorFlow prints before anything else. Also a full disk under a checkpoint save, for tests
+in this process and in a command line's."""
 
+import errno
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
 
 # Runs ``patch`` (Python source), then the module as ``python -m MODULE ARGS`` would.
 _PATCHED = """
@@ -59,3 +63,34 @@ def error_lines(stderr: str) -> list[str]:
     """The non-empty lines of ``stderr`` other than TensorFlow's start-up lines."""
     lines = stderr.splitlines()
     return [line for line in lines if line.strip() and not _START_UP_NOISE.match(line)]
+
+
+def fail_the_second_metadata_write(set_attribute: Callable[[object, str, object], None]) -> None:
+    """Makes the background part of the second checkpoint save fail as on a full disk, installed
+    with ``set_attribute`` (``setattr``, or a test's ``monkeypatch.setattr``)."""
+    import orbax.checkpoint as ocp
+
+    save = ocp.JsonCheckpointHandler.async_save
+    calls = []
+
+    async def save_until_the_disk_is_full(self, directory, *args, **kwargs):
+        calls.append(directory)
+        if len(calls) < 2:
+            return await save(self, directory, *args, **kwargs)
+
+        async def write():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="full_disk")]
+
+    set_attribute(ocp.JsonCheckpointHandler, "async_save", save_until_the_disk_is_full)
+
+
+# The same as a patch for run().
+FULL_DISK_AT_THE_SECOND_SAVE = f"""
+import sys
+sys.path.insert(0, {str(TESTS_DIR)!r})
+import cli_runs
+del sys.path[0]
+cli_runs.fail_the_second_metadata_write(setattr)
+"""

@@ -1,22 +1,22 @@
 """Checkpointer: round trips, keep-last-k, restores across meshes, and clear errors."""
 
-import errno
 import gc
+import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
+import cli_runs
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from simclr_jax import parallel, step
-from simclr_jax.checkpointing import Checkpointer, CheckpointError
+from simclr_jax.checkpointing import Checkpointer, CheckpointError, OrbaxTracebackFilter
 
 IMAGE_SHAPE = (8, 8, 1)
 METADATA = {"depth": 18, "stem": "cifar", "image_shape": [8, 8, 1], "base_lr": 0.3, "bn": True}
@@ -298,28 +298,10 @@ def test_read_only_creates_and_cleans_up_nothing(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["1", in_progress.name]
 
 
-def _fail_the_second_metadata_write(monkeypatch):
-    """Makes the background part of the second save fail as on a full disk."""
-    save = ocp.JsonCheckpointHandler.async_save
-    calls = []
-
-    async def save_until_the_disk_is_full(self, directory, *args, **kwargs):
-        calls.append(directory)
-        if len(calls) < 2:
-            return await save(self, directory, *args, **kwargs)
-
-        async def write():
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
-
-        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="full_disk")]
-
-    monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", save_until_the_disk_is_full)
-
-
 def test_a_save_failing_in_the_background_on_a_full_disk_is_reported_at_once(tmp_path, monkeypatch):
     mesh = mesh_of(8)
     first = trained_state(mesh, seed=1)
-    _fail_the_second_metadata_write(monkeypatch)
+    cli_runs.fail_the_second_metadata_write(monkeypatch.setattr)
     with Checkpointer(tmp_path) as checkpointer:
         assert checkpointer.save(1, first, METADATA)
         checkpointer.wait_until_finished()
@@ -372,3 +354,20 @@ def test_save_refuses_bad_metadata_and_existing_steps(tmp_path):
         assert not checkpointer.save(1, state, METADATA)  # not forced: skipped
         with pytest.raises(CheckpointError, match=rf"step 1 already exists.*{tmp_path / '1'}"):
             checkpointer.save(1, state, METADATA, force=True)
+
+
+def test_orbax_log_records_keep_their_message_without_the_traceback():
+    try:
+        raise OSError("the disk is full")
+    except OSError as error:
+        exc_info = (type(error), error, error.__traceback__)
+    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "manager.py")
+    ours = os.path.join(os.sep, "simclr_jax", "checkpointing.py")
+    orbax_record, our_record = (
+        logging.LogRecord("absl", logging.ERROR, path, 1, "save of %s failed", ("4",), exc_info)
+        for path in (orbax_file, ours)
+    )
+    assert OrbaxTracebackFilter().filter(orbax_record)
+    assert orbax_record.exc_info is None and orbax_record.exc_text is None
+    assert logging.Formatter().format(orbax_record) == "save of 4 failed"
+    assert OrbaxTracebackFilter().filter(our_record) and our_record.exc_info is exc_info

@@ -16,6 +16,17 @@ def test_write_json_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
     assert os.listdir(tmp_path) == ["results.json"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_written_file_has_the_mode_open_would_give_it(tmp_path, umask):
+    path = tmp_path / "results.json"
+    old_umask = os.umask(umask)
+    try:
+        jsonio.write_json(path, {"a": 1})
+    finally:
+        os.umask(old_umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_a_write_that_fails_names_the_file_and_keeps_its_old_content(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
     path.write_text('{"old": true}\n')

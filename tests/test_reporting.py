@@ -1,7 +1,10 @@
 """Progress reporting: durations, metrics.jsonl records, throughput and the terminal line."""
 
+import contextlib
+import errno
 import io
 import json
+import os
 
 import pytest
 
@@ -21,7 +24,12 @@ def test_metrics_log_writes_records_throughput_and_progress(tmp_path, monkeypatc
     monkeypatch.setattr(reporting.time, "perf_counter", lambda: next(clock))
     terminal = io.StringIO()
     log = reporting.MetricsLog(
-        str(tmp_path), total_steps=100, steps_per_epoch=20, global_batch_size=8, stream=terminal
+        str(tmp_path),
+        total_steps=100,
+        steps_per_epoch=20,
+        global_batch_size=8,
+        first_step=0,
+        stream=terminal,
     )
     log.start(0)
     train = {
@@ -70,6 +78,46 @@ def test_a_resumed_log_drops_records_past_its_checkpoint_and_a_torn_line(tmp_pat
     assert [json.loads(line) for line in path.read_text().splitlines()] == [*earlier, resumed]
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning.startswith(f"{path}: skipped 1 line(s)") and "(line 5)" in warning
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a full disk: every write fails with ENOSPC."""
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_names_metrics_jsonl_and_still_closes_the_summary(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        reporting, "open", lambda *_: io.TextIOWrapper(io.BufferedWriter(FullDisk())), raising=False
+    )
+    closed = []
+    create_file_writer = reporting.tf.summary.create_file_writer
+
+    def recording_file_writer(logdir):
+        writer = create_file_writer(logdir)
+        close = writer.close
+        writer.close = lambda: closed.append(logdir) or close()
+        return writer
+
+    monkeypatch.setattr(reporting.tf.summary, "create_file_writer", recording_file_writer)
+    log = reporting.MetricsLog(
+        str(tmp_path),
+        total_steps=8,
+        steps_per_epoch=8,
+        global_batch_size=8,
+        first_step=0,
+        stream=io.StringIO(),
+    )
+    # As in the trainer: the log is closed while the error unwinds, and must not replace it.
+    with pytest.raises(OSError) as error, contextlib.closing(log):
+        log.write(2, {"loss": 1.0})
+    path = tmp_path / "metrics.jsonl"
+    assert str(error.value) == f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}: '{path}'"
+    assert closed == [str(tmp_path / "tensorboard")]
 
 
 RUN = {

@@ -1,9 +1,12 @@
 """The workdir lock: one holder at a time, named to the others, and gone with its process."""
 
+import errno
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -60,3 +63,31 @@ def test_a_workdir_that_cannot_be_created_is_named(tmp_path):
     refused = pytest.raises(workdir_lock.WorkdirError, match=r"cannot use .*a_file/run as")
     with refused, workdir_lock.hold(str(blocker / "run")):
         pass
+
+
+def test_a_holder_query_at_that_instant_does_not_refuse_the_run(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / workdir_lock.LOCK_FILE).touch()
+    # What holder(), run by an evaluation, holds for an instant: a shared lock.
+    query = os.open(workdir / workdir_lock.LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(query, fcntl.LOCK_SH)
+    threading.Timer(0.2, os.close, [query]).start()
+    with workdir_lock.hold(str(workdir)):
+        assert workdir_lock.holder(str(workdir)).startswith(f"pid {os.getpid()} ")
+
+
+def test_a_file_system_without_flock_is_named_with_the_lock_file(tmp_path, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    workdir = tmp_path / "run"
+    with pytest.raises(workdir_lock.WorkdirError) as refused, workdir_lock.hold(str(workdir)):
+        pytest.fail("locked without a lock")
+    assert type(refused.value) is workdir_lock.WorkdirError  # not "in use"
+    message = str(refused.value)
+    assert message.startswith(
+        f"cannot lock {workdir / 'lock'} ({os.strerror(errno.ENOLCK)}): its file system"
+    )
+    assert "choose a --workdir on another file system" in message and "\n" not in message
