@@ -91,7 +91,61 @@ def test_deterministic_inside_dataset_map_and_matches_eager():
 def test_all_ops_disabled_and_whole_image_crop_is_identity():
     config = augment.AugmentConfig(image_size=16, crop_area_range=(1.0, 1.0), **ALL_OFF)
     image = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
-    np.testing.assert_array_equal(augment.simclr_augment(image, [5, 6], config).numpy(), image)
+    views = augment.simclr_views(image, [5, 6], config).numpy()
+    np.testing.assert_allclose(views, np.stack([image, image]), atol=1e-6)
+    batch = augment.simclr_views_batch(np.stack([image, image]), [5, 6], config).numpy()
+    np.testing.assert_allclose(batch, np.broadcast_to(image, batch.shape), atol=1e-6)
+
+
+# --- One image and a batch: the same views ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "overrides"),
+    [
+        ((32, 32, 3), {}),
+        ((40, 36, 3), {"rotation_degrees": 20.0, "brightness_mode": "additive"}),
+        ((28, 28, 1), {"crop_area_range": (0.2, 1.0), "color_jitter_strength": 0.5}),
+        ((30, 44, 1), {"blur_prob": 1.0, "flip_prob": 1.0}),
+    ],
+)
+def test_views_of_one_image_equal_the_views_of_a_batch_of_it(shape, overrides):
+    """`simclr_views` slices and resizes crops one by one; `simclr_views_batch` resamples the
+    whole batch with interpolation matrices: with the same seed both give the same views."""
+    config = augment.AugmentConfig(image_size=24, **overrides)
+    image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    for seed in _seeds(4, base=sum(shape)):
+        one = augment.simclr_views(image, seed, config).numpy()
+        batch = augment.simclr_views_batch(image[None], seed, config).numpy()
+        assert batch.shape == (1, 2, 24, 24, shape[-1])
+        np.testing.assert_allclose(batch[0], one, atol=2e-5)
+
+
+def test_batch_views_are_deterministic_and_independent_per_image():
+    config = augment.AugmentConfig(image_size=16)
+    images = np.repeat(_colourful_image(20, 20)[None], 6, axis=0)
+    views = augment.simclr_views_batch(images, [1, 2], config).numpy()
+    np.testing.assert_array_equal(views, augment.simclr_views_batch(images, [1, 2], config))
+    assert views.shape == (6, 2, 16, 16, 3) and views.dtype == np.float32
+    assert views.min() >= 0.0 and views.max() <= 1.0
+    # One seed for the batch, yet every view of the same image is a different draw.
+    assert len({view.tobytes() for view in views.reshape(12, -1)}) == 12
+    assert not np.array_equal(views, augment.simclr_views_batch(images, [1, 3], config))
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "channels", "size"), [(28, 28, 1, 28), (40, 36, 3, 24), (20, 50, 1, 33)]
+)
+def test_resized_crops_equal_slicing_and_tf_image_resize(height, width, channels, size):
+    rng = np.random.default_rng(height + width)
+    images = rng.random((8, height, width, channels)).astype(np.float32)
+    boxes = augment.sample_crop_boxes(height, width, [4, 2], 8).numpy()
+    boxes[0] = [0, 0, height, width]  # the whole image, at its own size or another
+    crops = augment.resized_crops(images, boxes, size).numpy()
+    for image, (top, left, box_h, box_w), crop in zip(images, boxes, crops, strict=True):
+        piece = image[top : top + box_h, left : left + box_w]
+        expected = tf.image.resize(piece, [size, size], method="bicubic").numpy()
+        np.testing.assert_allclose(crop, np.clip(expected, 0, 1), atol=1e-5)
 
 
 # --- Application frequencies --------------------------------------------------------------------
@@ -103,16 +157,15 @@ FREQUENCY_IMAGE = _colourful_image(16, 16)
 
 
 def _augment_many(**probs: float) -> np.ndarray:
-    """Views of ``FREQUENCY_IMAGE`` with every op off except ``probs``, for fixed seeds.
+    """``FREQUENCY_TRIALS`` views of ``FREQUENCY_IMAGE`` with every op off except ``probs``.
 
-    Sub-seeds don't depend on the config, so the crop is the same for a given seed whatever
+    The random draws don't depend on the config, so the crop of each view is the same whatever
     the probabilities: views can be compared with the crop-only ones.
     """
     config = augment.AugmentConfig(image_size=12, **{**ALL_OFF, **probs})
-    return _map_over_seeds(
-        lambda seed: augment.simclr_augment(FREQUENCY_IMAGE, seed, config),
-        _seeds(FREQUENCY_TRIALS, base=9),
-    )
+    images = np.repeat(FREQUENCY_IMAGE[None], FREQUENCY_TRIALS // 2, axis=0)
+    views = augment.simclr_views_batch(images, [9, 9], config).numpy()
+    return views.reshape(FREQUENCY_TRIALS, *views.shape[2:])
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +185,7 @@ def test_grayscale_frequency():
 
 def test_grayscale_is_independent_of_color_jitter(crop_only_views):
     views = _augment_many(color_jitter_prob=0.8, grayscale_prob=0.2)
-    gray_of_crop = tf.data.Dataset.from_tensor_slices(crop_only_views).map(augment.to_grayscale)
+    gray_of_crop = augment.to_grayscale(crop_only_views).numpy()
     gray_without_jitter = [np.array_equal(v, g) for v, g in zip(views, gray_of_crop, strict=True)]
     gray_after_jitter = _is_gray(views) & ~np.array(gray_without_jitter)
     for count, prob in [
@@ -162,11 +215,8 @@ def test_application_frequency(field, prob, was_applied, crop_only_views):
 
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (48, 64)])
 def test_crop_boxes_respect_area_and_aspect_ranges(height, width):
-    shape = tf.constant([height, width, 3])
-    boxes = _map_over_seeds(
-        lambda seed: tf.concat(augment.sample_crop_box(shape, seed), 0), _seeds(1000)
-    )
-    top, left, box_h, box_w = boxes[:, 0], boxes[:, 1], boxes[:, 3], boxes[:, 4]
+    boxes = augment.sample_crop_boxes(height, width, [0, 1], 1000).numpy()
+    top, left, box_h, box_w = boxes.T
     area = box_h * box_w / (height * width)
 
     assert np.all(top >= 0) and np.all(left >= 0)
@@ -181,19 +231,45 @@ def test_crop_boxes_respect_area_and_aspect_ranges(height, width):
 
 
 def test_crop_area_range_is_honoured():
-    boxes = _map_over_seeds(
-        lambda seed: augment.sample_crop_box([64, 64, 3], seed, area_range=(0.5, 0.7))[1],
-        _seeds(300),
-    )
-    area = boxes[:, 0] * boxes[:, 1] / 64**2
+    boxes = augment.sample_crop_boxes(64, 64, [3, 1], 300, area_range=(0.5, 0.7)).numpy()
+    area = boxes[:, 2] * boxes[:, 3] / 64**2
     assert np.all(area >= 0.5 - 1e-9) and np.all(area <= 0.7 + 1e-9)
 
 
 def test_crop_falls_back_to_whole_image_when_no_box_fits():
     # Any box with ≥ 99.9% of the area is the whole image, whose aspect 7/10 is out of range.
-    begin, size = augment.sample_crop_box([10, 7, 3], [1, 2], area_range=(0.999, 1.0))
-    np.testing.assert_array_equal(begin.numpy(), [0, 0, 0])
-    np.testing.assert_array_equal(size.numpy()[:2], [10, 7])
+    boxes = augment.sample_crop_boxes(10, 7, [1, 2], 3, area_range=(0.999, 1.0)).numpy()
+    np.testing.assert_array_equal(boxes, [[0, 0, 10, 7]] * 3)
+
+
+@pytest.mark.parametrize("area_range", [(0.08, 1.0), (0.2, 1.0)])
+def test_crop_sizes_follow_tensorflows_box_sampler(area_range):
+    """Official SimCLR samples boxes with ``tf.image.sample_distorted_bounding_box``: the
+    vectorised sampler must give boxes of the same size distribution."""
+    num = 3000
+    boxes = augment.sample_crop_boxes(28, 28, [5, 5], num, area_range).numpy()
+    reference = _map_over_seeds(
+        lambda seed: tf.image.stateless_sample_distorted_bounding_box(
+            [28, 28, 1],
+            tf.zeros([1, 0, 4]),
+            seed,
+            min_object_covered=0.1,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=area_range,
+            max_attempts=100,
+            use_image_if_no_bounding_boxes=True,
+        )[1][:2],
+        _seeds(num, base=5),
+    )
+    areas = boxes[:, 2] * boxes[:, 3] / 28**2
+    reference_areas = reference[:, 0] * reference[:, 1] / 28**2
+    quantiles = [0.05, 0.25, 0.5, 0.75, 0.95]
+    np.testing.assert_allclose(
+        np.quantile(areas, quantiles), np.quantile(reference_areas, quantiles), atol=0.03
+    )
+    assert (
+        abs(np.mean(boxes[:, 3] / boxes[:, 2]) - np.mean(reference[:, 1] / reference[:, 0])) < 0.02
+    )
 
 
 def test_random_resized_crop_output():
@@ -212,9 +288,8 @@ def test_color_jitter_factor_ranges_on_constant_colour():
     hue, saturation, value, strength = 0.3, 0.4, 0.5, 0.5
     rgb = np.array(colorsys.hsv_to_rgb(hue, saturation, value), np.float32)
     image = np.broadcast_to(rgb, (4, 4, 3)).copy()
-    pixels = _map_over_seeds(
-        lambda seed: augment.color_jitter(image, seed, strength)[0, 0], _seeds(500)
-    )
+    pixels = augment.color_jitter(np.broadcast_to(image, (500, 4, 4, 3)), [2, 7], strength)
+    pixels = pixels.numpy()[:, 0, 0]
     hsv = np.array([colorsys.rgb_to_hsv(*pixel) for pixel in pixels.astype(np.float64)])
     factors = {
         "brightness": (hsv[:, 2] / value, 1.0, 0.8 * strength),
@@ -236,9 +311,8 @@ def test_color_jitter_factor_ranges_on_constant_colour():
 )
 def test_brightness_modes_on_single_channel(mode, to_factor, centre):
     image = np.full((4, 4, 1), 0.5, np.float32)  # Contrast is the identity on a constant image.
-    outputs = _map_over_seeds(
-        lambda seed: augment.color_jitter(image, seed, 0.5, brightness_mode=mode), _seeds(300)
-    )
+    images = np.broadcast_to(image, (300, 4, 4, 1))
+    outputs = augment.color_jitter(images, [3, 1], 0.5, brightness_mode=mode).numpy()
     assert np.all(outputs == outputs[:, :1, :1])
     samples = to_factor(outputs[:, 0, 0, 0])
     assert samples.min() >= centre - 0.4 - 1e-6 and samples.max() <= centre + 0.4 + 1e-6
@@ -256,7 +330,7 @@ def test_color_jitter_order_is_random():
     """
     image = np.concatenate([np.zeros((2, 4, 1)), np.ones((2, 4, 1))]).astype(np.float32)
     trials = 800
-    outputs = _map_over_seeds(lambda seed: augment.color_jitter(image, seed, 1.0), _seeds(trials))
+    outputs = augment.color_jitter(np.broadcast_to(image, (trials, 4, 4, 1)), [8, 0], 1.0).numpy()
     low, high = outputs[:, 0, 0, 0], outputs[:, -1, 0, 0]
     brightness_first = (np.abs(low + high - 1) < 1e-5) & (low > 1e-4) & (high < 1 - 1e-4)
     contrast_first = low + high > 1 + 1e-4
@@ -269,9 +343,36 @@ def test_color_jitter_order_is_random():
 @pytest.mark.parametrize("mode", ["multiplicative", "additive"])
 def test_zero_strength_color_jitter_is_identity(channels, mode):
     image = np.random.default_rng(1).random((8, 8, channels)).astype(np.float32)
-    for seed in _seeds(5):
-        out = augment.color_jitter(image, seed, 0.0, brightness_mode=mode).numpy()
-        np.testing.assert_allclose(out, image, atol=1e-5)
+    images = np.broadcast_to(image, (5, 8, 8, channels))
+    out = augment.color_jitter(images, [4, 4], 0.0, brightness_mode=mode).numpy()
+    np.testing.assert_allclose(out, images, atol=1e-5)
+
+
+def test_per_image_colour_ops_match_tensorflows_single_factor_ops():
+    images = np.random.default_rng(7).random((8, 10, 10, 3)).astype(np.float32)
+    factors = np.linspace(0.2, 1.8, 8, dtype=np.float32)
+    deltas = np.linspace(-0.2, 0.2, 8, dtype=np.float32)
+    per_image = factors[:, None, None, None]
+    references = {
+        "contrast": (
+            augment._adjust_contrast(images, per_image),
+            tf.image.adjust_contrast,
+            factors,
+        ),
+        "saturation": (
+            augment._adjust_saturation(images, per_image),
+            tf.image.adjust_saturation,
+            factors,
+        ),
+        "hue": (
+            augment._adjust_hue(images, deltas[:, None, None, None]),
+            tf.image.adjust_hue,
+            deltas,
+        ),
+    }
+    for name, (batched, single, values) in references.items():
+        expected = np.stack([single(i, v).numpy() for i, v in zip(images, values, strict=True)])
+        np.testing.assert_allclose(batched.numpy(), expected, atol=1e-5, err_msg=name)
 
 
 def test_to_grayscale_uses_luminance_and_keeps_channels():
@@ -300,7 +401,7 @@ def test_blur_impulse_response_is_normalised_separable_gaussian():
     sigma, amplitudes = 1.5, np.array([1.0, 0.5, 0.25], np.float32)
     image = np.zeros((64, 64, 3), np.float32)
     image[30, 33] = amplitudes
-    out = augment.gaussian_blur(image, [0, 1], sigma_range=(sigma, sigma)).numpy()
+    out = augment.gaussian_blur(image[None], [0, 1], sigma_range=(sigma, sigma)).numpy()[0]
 
     radius = 3  # blur_kernel_size(64) == 7
     taps = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
@@ -318,18 +419,27 @@ def test_blur_removes_high_frequencies_and_keeps_constants():
     def high_frequency_energy(image):
         return np.sum(np.diff(image, axis=0) ** 2) + np.sum(np.diff(image, axis=1) ** 2)
 
-    for seed in _seeds(4):
-        blurred = augment.gaussian_blur(noise, seed, sigma_range=(1.0, 2.0)).numpy()
-        assert blurred.shape == noise.shape
-        assert high_frequency_energy(blurred) < 0.5 * high_frequency_energy(noise)
-        # Reflection padding: no darkened border on a constant image.
-        np.testing.assert_allclose(augment.gaussian_blur(constant, seed).numpy(), constant, 1e-6)
+    blurred = augment.gaussian_blur(np.stack([noise] * 4), [5, 0], sigma_range=(1.0, 2.0))
+    assert blurred.shape == (4, *noise.shape)
+    for image in blurred.numpy():
+        assert high_frequency_energy(image) < 0.5 * high_frequency_energy(noise)
+    # Reflection padding: no darkened border on a constant image.
+    constants = np.stack([constant] * 4)
+    np.testing.assert_allclose(augment.gaussian_blur(constants, [5, 1]).numpy(), constants, 1e-6)
+
+
+def test_blur_draws_one_sigma_per_image():
+    impulse = np.zeros((1, 32, 32, 1), np.float32)
+    impulse[0, 16, 16] = 1.0
+    blurred = augment.gaussian_blur(np.repeat(impulse, 50, axis=0), [6, 6]).numpy()
+    peaks = blurred[:, 16, 16, 0]  # falls as σ grows
+    assert len(np.unique(peaks)) > 45 and peaks.max() - peaks.min() > 0.3
 
 
 def test_blur_with_tiny_sigma_is_identity():
     image = np.random.default_rng(4).random((40, 40, 3)).astype(np.float32)
-    out = augment.gaussian_blur(image, [2, 3], sigma_range=(1e-3, 1e-3)).numpy()
-    np.testing.assert_allclose(out, image, atol=1e-7)
+    out = augment.gaussian_blur(image[None], [2, 3], sigma_range=(1e-3, 1e-3)).numpy()
+    np.testing.assert_allclose(out[0], image, atol=1e-7)
 
 
 # --- Evaluation and linear-evaluation preprocessing ----------------------------------------------
@@ -405,5 +515,8 @@ def test_config_normalises_ranges_to_tuples():
 
 
 def test_images_must_have_one_or_three_channels():
+    config = augment.AugmentConfig(8)
     with pytest.raises(ValueError, match="1 or 3"):
-        augment.simclr_augment(np.zeros((8, 8, 4), np.float32), [0, 1], augment.AugmentConfig(8))
+        augment.simclr_views(np.zeros((8, 8, 4), np.float32), [0, 1], config)
+    with pytest.raises(ValueError, match=r"\[N, H, W, 1 or 3\]"):
+        augment.simclr_views_batch(np.zeros((8, 8, 3), np.float32), [0, 1], config)

@@ -51,11 +51,44 @@ class TinyIndexedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             yield i, {"image": np.full((TINY_SIDE, TINY_SIDE, 3), i + 1, np.uint8), "label": i}
 
 
+class TinyVariedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Example i has label i and a constant image of value i + 1, of side 6 + i % 5 pixels."""
+
+    name = "tiny_varied_images"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "label": tfds.features.ClassLabel(num_classes=TINY_SPLIT_SIZES["train"]),
+            }
+        )
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples(TINY_SPLIT_SIZES["train"])}
+
+    def _generate_examples(self, num_examples):
+        for i in range(num_examples):
+            side = 6 + i % 5
+            yield i, {"image": np.full((side, side + 1, 3), i + 1, np.uint8), "label": i}
+
+
 @pytest.fixture(scope="module")
 def tiny_data_dir(tmp_path_factory):
     """A TFDS data_dir holding the prepared `tiny_indexed_images` (found by name from files)."""
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     TinyIndexedImages(data_dir=data_dir).download_and_prepare()
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def varied_data_dir(tmp_path_factory):
+    """A TFDS data_dir holding the prepared `tiny_varied_images` (images of several sizes)."""
+    data_dir = str(tmp_path_factory.mktemp("tfds_varied"))
+    TinyVariedImages(data_dir=data_dir).download_and_prepare()
     return data_dir
 
 
@@ -488,3 +521,32 @@ def test_pretrain_batches_can_carry_the_input_image_at_the_view_size(tiny_data_d
         # Example i is the constant image i + 1: resizing keeps the constant.
         expected = (batch["label"] + 1)[:, None, None, None] / 255.0
         np.testing.assert_allclose(batch["image"], np.broadcast_to(expected, (4, 6, 6, 3)), 1e-5)
+
+
+def test_images_of_several_sizes_are_augmented_one_by_one_and_resumably(varied_data_dir):
+    assert pipeline.dataset_info(
+        "tiny_varied_images", "train", data_dir=varied_data_dir
+    ).image_shape == (None, None, 3)
+
+    def stream(**kwargs):
+        return pipeline.pretrain_batches(
+            "tiny_varied_images",
+            "train",
+            host_batch_size=4,
+            augment_config=AugmentConfig(image_size=5, color_jitter_prob=0.0, grayscale_prob=0.0),
+            seed=2,
+            process_index=0,
+            process_count=1,
+            data_dir=varied_data_dir,
+            **kwargs,
+        )
+
+    reference = take(stream(), 6)
+    for batch in reference:
+        assert batch["views"].shape == (4, 2, 5, 5, 3)
+        # Crops of a constant image stay that constant: each view is its own example's.
+        expected = (batch["label"] + 1)[:, None, None, None, None] / 255.0
+        np.testing.assert_allclose(
+            batch["views"], np.broadcast_to(expected, (4, 2, 5, 5, 3)), atol=1e-5
+        )
+    assert_same_batches(take(stream(start_step=4), 2), reference[4:6])

@@ -5,10 +5,12 @@ arrays, which the trainer assembles into global arrays. TensorFlow runs on the C
 (importing `augment` hides every GPU from it).
 
 Pretraining stream (`pretrain_batches`): the slice is optionally cached, then read epoch after
-epoch, each epoch shuffled with its own seed, derived from (seed, process index, epoch). Each
-example is augmented with a seed derived from (seed, process index, the example's position in
-this process's endless stream), so the stream is a pure function of its arguments: thread
-scheduling cannot change it, and a stream started at step k skips the raw records before step k
+epoch, each epoch shuffled with its own seed, derived from (seed, process index, epoch). When the
+dataset's images share one size, each batch is augmented at once (`augment.simclr_views_batch`)
+with a seed derived from (seed, process index, step); otherwise each example is augmented on its
+own (`augment.simclr_views`) with a seed derived from (seed, process index, the example's
+position in this process's endless stream). Either way the stream is a pure function of its
+arguments: thread scheduling cannot change it, and a stream started at step k skips the raw records before step k
 (at most one epoch of reading, no augmentation) and then yields exactly what a stream started at
 step 0 yields from its k-th batch on. The shuffle buffer bounds how far an epoch is mixed: with a
 buffer at least as large as the slice, each epoch is a uniform random permutation.
@@ -30,6 +32,7 @@ from simclr_jax.data.augment import (
     eval_preprocess,
     linear_eval_augment,
     simclr_views,
+    simclr_views_batch,
 )
 from simclr_jax.data.sources import (
     UNLABELLED,
@@ -128,23 +131,44 @@ def pretrain_batches(
         )
         return records.shuffle(buffer_size, seed=epoch_seed, reshuffle_each_iteration=False)
 
-    def augment(position: tf.Tensor, record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        example_key = tf.random.experimental.stateless_fold_in(augment_key, position)
+    def decode(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         image = source.decode_image(record["image"])
-        example = {
-            "views": simclr_views(image, example_key, augment_config),
-            "label": record["label"],
-        }
+        example = {"image": image, "label": record["label"]}
         if with_input_image:
-            example["image"] = eval_preprocess(image, augment_config.image_size)
+            example["input_image"] = eval_preprocess(image, augment_config.image_size)
         return example
+
+    def with_views(examples: dict[str, tf.Tensor], views: tf.Tensor) -> dict[str, tf.Tensor]:
+        out = {"views": views, "label": examples["label"]}
+        if with_input_image:
+            out["image"] = examples["input_image"]
+        return out
+
+    def augment_batch(step: tf.Tensor, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        step_key = tf.random.experimental.stateless_fold_in(augment_key, step)
+        return with_views(batch, simclr_views_batch(batch["image"], step_key, augment_config))
+
+    def augment_example(position: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        example_key = tf.random.experimental.stateless_fold_in(augment_key, position)
+        return with_views(example, simclr_views(example["image"], example_key, augment_config))
 
     examples = (
         tf.data.Dataset.counter(first_epoch)
         .flat_map(shuffled_epoch)
         .skip(offset)
-        .enumerate(start=start_position)
-        .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    )
+    height, width, _ = source.info.image_shape
+    if height is not None and width is not None:
+        # Images of one size: augment whole batches, in far fewer ops than one by one.
+        batches = (
+            examples.batch(host_batch_size, drop_remainder=True)
+            .enumerate(start=start_step)
+            .map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE)
+        )
+        return _as_numpy(batches)
+    examples = examples.enumerate(start=start_position).map(
+        augment_example, num_parallel_calls=tf.data.AUTOTUNE
     )
     return _host_batches(examples, host_batch_size)
 
@@ -312,7 +336,12 @@ def _host_batches(
     examples: tf.data.Dataset, host_batch_size: int
 ) -> Iterator[dict[str, np.ndarray]]:
     """Full batches of ``examples`` as NumPy, prefetched, in an order fixed by the input alone."""
-    stream = examples.batch(host_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return _as_numpy(examples.batch(host_batch_size, drop_remainder=True))
+
+
+def _as_numpy(batches: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    """``batches`` as NumPy, prefetched, in an order fixed by the input alone."""
+    stream = batches.prefetch(tf.data.AUTOTUNE)
     return stream.with_options(_deterministic_options()).as_numpy_iterator()
 
 
