@@ -4,16 +4,17 @@ Each process reads its own slice of the split (see `sources`) and yields host ba
 arrays, which the trainer assembles into global arrays. TensorFlow runs on the CPU only
 (importing `augment` hides every GPU from it).
 
-Pretraining stream (`pretrain_batches`): the slice is optionally cached, then read epoch after
-epoch, each epoch shuffled with its own seed, derived from (seed, process index, epoch). When the
-dataset's images share one size, each batch is augmented at once (`augment.simclr_views_batch`)
+Pretraining stream (`pretrain_batches`): the slice is read epoch after epoch, each epoch shuffled
+with its own seed, derived from (seed, process index, epoch). When the dataset's images share one
+size, each batch is augmented at once (`augment.simclr_views_batch`)
 with a seed derived from (seed, process index, step); otherwise each example is augmented on its
 own (`augment.simclr_views`) with a seed derived from (seed, process index, the example's
 position in this process's endless stream). Either way the stream is a pure function of its
-arguments: thread scheduling cannot change it, and a stream started at step k skips the raw records before step k
-(at most one epoch of reading, no augmentation) and then yields exactly what a stream started at
-step 0 yields from its k-th batch on. The shuffle buffer bounds how far an epoch is mixed: with a
-buffer at least as large as the slice, each epoch is a uniform random permutation.
+arguments: thread scheduling cannot change it, and a stream started at step k skips the records
+before step k (at most one epoch of reading, no augmentation) and then yields exactly what a
+stream started at step 0 yields from its k-th batch on. The shuffle buffer bounds how far an
+epoch is mixed: with a buffer at least as large as the slice, each epoch is a uniform random
+permutation. With `cache`, the slice is decoded once and kept in memory.
 
 Evaluation stream (`eval_batches`): one pass in order. Every process yields the same number of
 batches, `num_batches(ceil(num_examples / process_count), host_batch_size)`, padding its last
@@ -88,7 +89,7 @@ def pretrain_batches(
     `views[i]` are two independent SimCLR augmentations of one example (values in [0, 1]);
     `label` is its class (-1 when unlabelled). Batches are full (`b = host_batch_size`); the
     stream restarted with `start_step=k` continues exactly where step k of the original left
-    off. `cache` keeps the encoded slice in memory: right for small datasets, not ImageNet.
+    off. `cache` keeps the decoded slice in memory: right for small datasets, not ImageNet.
     The process index and count default to JAX's. `with_input_image` adds `"image": float32
     [b, S, S, C]`, the un-augmented example resized to the view size (as `eval_preprocess`
     does), e.g. as a reconstruction target; the views are the same with or without it.
@@ -108,7 +109,13 @@ def pretrain_batches(
         data_dir=data_dir,
         dataset_dir=dataset_dir,
     )
-    records = source.records.cache() if cache else source.records
+
+    def decode(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return {"image": source.decode_image(record["image"]), "label": record["label"]}
+
+    records = source.records
+    if cache:  # Decoded once, then kept in memory.
+        records = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
     slice_size = _slice_size(records, name, split)
     if slice_size == 0:
         raise ValueError(
@@ -131,12 +138,9 @@ def pretrain_batches(
         )
         return records.shuffle(buffer_size, seed=epoch_seed, reshuffle_each_iteration=False)
 
-    def decode(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image = source.decode_image(record["image"])
-        example = {"image": image, "label": record["label"]}
-        if with_input_image:
-            example["input_image"] = eval_preprocess(image, augment_config.image_size)
-        return example
+    def add_input_image(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        input_image = eval_preprocess(example["image"], augment_config.image_size)
+        return {**example, "input_image": input_image}
 
     def with_views(examples: dict[str, tf.Tensor], views: tf.Tensor) -> dict[str, tf.Tensor]:
         out = {"views": views, "label": examples["label"]}
@@ -152,12 +156,11 @@ def pretrain_batches(
         example_key = tf.random.experimental.stateless_fold_in(augment_key, position)
         return with_views(example, simclr_views(example["image"], example_key, augment_config))
 
-    examples = (
-        tf.data.Dataset.counter(first_epoch)
-        .flat_map(shuffled_epoch)
-        .skip(offset)
-        .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-    )
+    examples = tf.data.Dataset.counter(first_epoch).flat_map(shuffled_epoch).skip(offset)
+    if not cache:
+        examples = examples.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    if with_input_image:
+        examples = examples.map(add_input_image, num_parallel_calls=tf.data.AUTOTUNE)
     height, width, _ = source.info.image_shape
     if height is not None and width is not None:
         # Images of one size: augment whole batches, in far fewer ops than one by one.
