@@ -86,6 +86,7 @@ def setup_from_config(config: ml_collections.ConfigDict) -> StepSetup:
         config.train_split,
         data_dir=config.data_dir or None,
         dataset_dir=config.dataset_dir or None,
+        check_images=False,  # the images are not read
     )
     height, _, channels = info.image_shape
     return StepSetup(

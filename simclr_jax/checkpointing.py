@@ -31,8 +31,9 @@ cleans up and writes nothing.
 
 Every failure a user can fix (an unwritable directory, a full disk, a checkpoint of another config,
 arrays of other shapes, a corrupt step directory) raises :class:`CheckpointError` with the path and
-the fix. Orbax also logs each failure it raises, with its traceback; the command lines strip those
-tracebacks (:class:`OrbaxTracebackFilter`), so that no traceback buries the one-line message.
+the fix. Orbax also logs each failure it raises, with its traceback, some of it from background
+threads and as late as interpreter exit; the command lines keep Orbax's records off the terminal
+(:class:`OrbaxLogFilter`), so that the one-line message is all a failure prints.
 """
 
 import errno
@@ -71,20 +72,38 @@ class CorruptCheckpointError(CheckpointError):
         self.step_directory = step_directory
 
 
-class OrbaxTracebackFilter(logging.Filter):
-    """Strips the tracebacks from Orbax's log records (on the ``absl`` logger), keeping the
-    messages.
+_ORBAX_FILES = f"{os.sep}orbax{os.sep}"
 
-    The :class:`Checkpointer` turns each failure Orbax raises into a one-line
-    :class:`CheckpointError`; the command lines install this filter so that the tracebacks Orbax
-    also logs do not bury that line.
+
+def _is_orbax_record(record: logging.LogRecord) -> bool:
+    """Whether Orbax logged ``record``, or asyncio did for a failure inside Orbax's code (a write
+    whose failure no one retrieved once the save had failed, reported when it is collected)."""
+    if _ORBAX_FILES in record.pathname:
+        return True
+    if record.name != "asyncio" or not record.exc_info:
+        return False
+    trace = record.exc_info[2]
+    while trace is not None:
+        if _ORBAX_FILES in trace.tb_frame.f_code.co_filename:
+            return True
+        trace = trace.tb_next
+    return False
+
+
+class OrbaxLogFilter(logging.Filter):
+    """Drops Orbax's log records, on the ``absl`` logger (Orbax's) and the ``asyncio`` logger
+    (that of the event loops Orbax writes in).
+
+    The :class:`Checkpointer` raises each failure Orbax reports as a one-line
+    :class:`CheckpointError`, which the command lines print; Orbax also logs the failure, with
+    its traceback, from the thread that met it, and its background threads and event loops may
+    log more of it, up to interpreter exit. Its other records are warnings about options this
+    module sets on purpose (e.g. that a read-only checkpoint directory is read only). The command
+    lines install this filter so that none of that surrounds their output.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if f"{os.sep}orbax{os.sep}" in record.pathname:
-            record.exc_info = None
-            record.exc_text = None
-        return True
+        return not _is_orbax_record(record)
 
 
 def _describe(error: BaseException) -> str:

@@ -2,10 +2,11 @@
 share: the ``--config`` flag (a shipped config's name or a file's path, with
 ``--config.FIELD=VALUE`` overrides), flag parsing that reports a bad override in one line, a
 start with huge pages for malloc, and, for the two that read checkpoints (training and
-evaluation), Orbax's logged tracebacks kept off the terminal."""
+evaluation), Orbax's logging kept off the terminal."""
 
 import ast
 import contextlib
+import logging
 import os
 import platform
 import sys
@@ -46,12 +47,32 @@ def restart_with_huge_pages() -> None:
     os.execv(sys.executable, sys.orig_argv)
 
 
-def quiet_orbax_tracebacks() -> None:
-    """Keeps off the terminal the tracebacks Orbax logs for failures that the command then reports
-    in one line (:class:`simclr_jax.checkpointing.OrbaxTracebackFilter`)."""
+def quiet_orbax() -> None:
+    """Keeps Orbax's output off the terminal, so that a failure the command reports in one line
+    is that line only.
+
+    That is Orbax's log records (some logged by its background threads up to interpreter exit),
+    and asyncio's records of writes in Orbax's event loops whose failure no one retrieved (both:
+    :class:`simclr_jax.checkpointing.OrbaxLogFilter`); and the ``RuntimeError: Event loop is
+    closed`` tracebacks, printed as unraisable exceptions, of storage writes that end after Orbax
+    has closed the event loop of a failed save. For the command lines only (a library user's
+    logging is left alone), and not when ``--verbosity`` is given: then everything is shown, for
+    debugging.
+    """
+    if flags.FLAGS["verbosity"].present:
+        return
     from simclr_jax import checkpointing  # imports JAX: only once the command runs
 
-    absl_logging.get_absl_logger().addFilter(checkpointing.OrbaxTracebackFilter())
+    for logger in (absl_logging.get_absl_logger(), logging.getLogger("asyncio")):
+        logger.addFilter(checkpointing.OrbaxLogFilter())
+    print_unraisable = sys.unraisablehook
+
+    def drop_writes_ending_after_their_save(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            print_unraisable(unraisable)
+
+    sys.unraisablehook = drop_writes_ending_after_their_save
 
 
 @contextlib.contextmanager

@@ -1,10 +1,10 @@
 """The ranges of a run config's numeric fields, checked before a run starts.
 
-:func:`check_config` is called by :func:`simclr_jax.trainer.train_and_evaluate` before it touches
-the workdir, and by :class:`simclr_jax.experiment.Experiment`, which every command builds: a value
-out of range (a negative learning rate, a 3-pixel image, a batch of 0) is one error line naming
-the field and the value, instead of a run that trains in the wrong direction or fails deep inside
-a library. ``simclr_jax/configs/default.py`` documents what each field means.
+:func:`check_config` is called by :class:`simclr_jax.experiment.Experiment`, which every command
+builds first (the trainer before it touches the workdir): a value out of range (a negative
+learning rate, a 3-pixel image, a batch of 0) is one error line naming the field and the value,
+instead of a run that trains in the wrong direction or fails deep inside a library.
+``simclr_jax/configs/default.py`` documents what each field means.
 """
 
 import math

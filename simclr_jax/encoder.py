@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from simclr_jax import checkpointing, kernels, parallel, step, workdir_lock
+from simclr_jax import checkpointing, jsonio, kernels, parallel, step, workdir_lock
 from simclr_jax.configs import default
 from simclr_jax.experiment import Experiment, build_model
 from simclr_jax.models import SimCLR
@@ -174,7 +174,7 @@ def restore_state(
 
 def from_checkpoint(workdir: str, step_number: int | None = None) -> Encoder:
     """The :class:`Encoder` of a run's checkpoint (default: the latest), on this process."""
-    experiment = Experiment(read_run_config(workdir), parallel.data_mesh())
+    experiment = Experiment(read_run_config(workdir), parallel.data_mesh(), check_images=False)
     state = restore_state(experiment, workdir, step_number)
     return from_state(state, experiment.config, experiment.num_classes, experiment.image_shape)
 
@@ -194,10 +194,7 @@ def export_encoder(encoder: Encoder, path: str | os.PathLike) -> str:
         "variables": jax.tree.map(np.asarray, encoder.variables),
     }
     path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
+    jsonio.write_bytes(path, serialization.msgpack_serialize(payload))
     return path
 
 

@@ -69,7 +69,8 @@ def run_protocols(
     config.update_from_flattened_dict(overrides or {})
     mesh = parallel.data_mesh()
     parallel.check_global_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    experiment = Experiment(config, mesh)
+    # Every protocol but export reads the dataset: only then are its images checked.
+    experiment = Experiment(config, mesh, check_images=set(protocols) != {"export"})
     state = encoder.restore_state(experiment, workdir, checkpoint)
     run = protocol_lib.Run(experiment, state, workdir)
     if jax.process_index() == 0:
@@ -100,7 +101,7 @@ def main(argv: list[str]) -> None:
 
     from simclr_jax.evaluation import protocols as protocol_lib
 
-    cli.quiet_orbax_tracebacks()
+    cli.quiet_orbax()
     try:
         outcomes = run_protocols(
             _WORKDIR.value,

@@ -87,8 +87,12 @@ def augment_config(config: ml_collections.ConfigDict, image_size: int) -> augmen
 class Experiment:
     """Everything a run derives from its config, the dataset's metadata and its mesh.
 
-    The config is checked first (:func:`simclr_jax.config_checks.check_config`), then the
-    dataset (for an image folder, every image of the splits the run reads).
+    The config is checked first (:func:`simclr_jax.config_checks.check_config`, here only, for
+    every command), then the dataset. With ``check_images`` (for a caller that reads the data:
+    training, evaluation), every image of an image folder's splits is checked too, each split
+    once per process while its files stay the same
+    (:func:`simclr_jax.data.pipeline.dataset_info`); without it (restoring an encoder), only
+    the first image of each split is read, for its shape.
 
     Attributes: ``config``, ``mesh``, the splits' ``train_info``/``probe_info``/``eval_info``,
     ``image_size``/``image_shape``, ``num_classes``, ``steps_per_epoch``, ``total_steps``,
@@ -96,7 +100,7 @@ class Experiment:
     and ``hybrid`` (the reconstruction terms, or None).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *, check_images: bool = True):
         config_checks.check_config(config)
         self.config = config
         self.mesh = mesh
@@ -104,17 +108,18 @@ class Experiment:
         dataset_dir = config.dataset_dir or None
         self.data_kwargs = {"data_dir": data_dir, "dataset_dir": dataset_dir}
         pipeline.prepare_dataset(config.dataset, data_dir=data_dir, dataset_dir=dataset_dir)
-        self.train_info = pipeline.dataset_info(
-            config.dataset, config.train_split, **self.data_kwargs
-        )
-        self.probe_info = (
-            self.train_info
-            if config.probe_train_split == config.train_split
-            else pipeline.dataset_info(config.dataset, config.probe_train_split, **self.data_kwargs)
-        )
-        self.eval_info = pipeline.dataset_info(
-            config.dataset, config.eval_split, **self.data_kwargs
-        )
+        infos: dict[str, pipeline.DatasetInfo] = {}
+
+        def info(split: str) -> pipeline.DatasetInfo:  # each split read once
+            if split not in infos:
+                infos[split] = pipeline.dataset_info(
+                    config.dataset, split, check_images=check_images, **self.data_kwargs
+                )
+            return infos[split]
+
+        self.train_info = info(config.train_split)
+        self.probe_info = info(config.probe_train_split)
+        self.eval_info = info(config.eval_split)
         height, _, channels = self.train_info.image_shape
         self.image_size = config.image_size or height
         if not self.image_size:

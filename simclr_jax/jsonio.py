@@ -1,7 +1,8 @@
 """JSON and JSON Lines files that a crash never leaves half written, and a tolerant JSONL reader.
 
-Whole files are written to a temporary file beside the target, flushed to disk, then renamed over
-it: a reader sees the old file or the new one, never a part. An appended JSONL line can still be
+Whole files (JSON, JSONL, or any bytes: :func:`write_bytes`) are written to a temporary file
+beside the target, flushed to disk, then renamed over it: a reader sees the old file or the new
+one, never a part; a failure (a full disk) names the target. An appended JSONL line can still be
 cut off by a crash or a full disk; :func:`read_jsonl` skips such a line (and any other that is
 not JSON) with one warning naming the file, instead of failing.
 """
@@ -16,8 +17,8 @@ from typing import Any
 _log = logging.getLogger(__name__)
 
 
-def _write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file; an OSError (a full disk, say) names
+def _write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file; an OSError (a full disk, say) names
     ``path``, which keeps its old content."""
     path = os.fspath(path)
     tmp = os.path.join(os.path.dirname(path), f".tmp-{secrets.token_hex(8)}")
@@ -27,8 +28,8 @@ def _write_atomically(path: str | os.PathLike, text: str) -> None:
     except OSError as error:
         raise OSError(error.errno, error.strerror, path) from error
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -38,6 +39,11 @@ def _write_atomically(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path``, atomically."""
+    _write_atomically(path, data)
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:

@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
 
     from simclr_jax import trainer, workdir_lock
 
-    cli.quiet_orbax_tracebacks()
+    cli.quiet_orbax()
     config_path = flags.FLAGS["config"].config_filename
     workdir = _WORKDIR.value or os.path.join("workdirs", Path(config_path).stem)
     if jax.process_index() == 0:

@@ -27,7 +27,6 @@ from jax.experimental import multihost_utils
 
 from simclr_jax import (
     checkpointing,
-    config_checks,
     jsonio,
     parallel,
     prefetch,
@@ -255,31 +254,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Writes ``WORKDIR/config.json``, ``metrics.jsonl``, TensorBoard files under ``tensorboard/``,
     checkpoints under ``checkpoints/`` and, at the end, ``results.json`` (and, with a decoder,
     ``reconstructions.png``). With ``config.evaluate_at_end`` off, the results hold the run's
-    steps, times and throughput only. The config is checked first
-    (:func:`simclr_jax.config_checks.check_config`), then the workdir's lock is taken
-    (``WORKDIR/lock``) and held to the end.
+    steps, times and throughput only. The config and the data are checked first (by
+    :class:`~simclr_jax.experiment.Experiment`: a bad value or image fails before the workdir is
+    touched), then the workdir's lock is taken (``WORKDIR/lock``) and held to the end.
 
     Raises:
       simclr_jax.workdir_lock.WorkdirError: the workdir cannot be created, or another live run
         holds it (:class:`~simclr_jax.workdir_lock.WorkdirInUseError`).
-      ValueError: a config value out of range, or a checkpoint that cannot be saved or restored
-        (:class:`~simclr_jax.checkpointing.CheckpointError`).
+      ValueError: a config value out of range, bad data, or a checkpoint that cannot be saved
+        or restored (:class:`~simclr_jax.checkpointing.CheckpointError`).
     """
     started = time.perf_counter()
-    config_checks.check_config(config)
+    mesh = parallel.data_mesh()
+    experiment = Experiment(config, mesh)  # checks the config and the data
+    parallel.check_global_batch_size(config.global_batch_size, mesh, "global_batch_size")
+    parallel.check_global_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     workdir = os.path.abspath(workdir)
     with _workdir_lock(workdir):
-        return _locked_train_and_evaluate(config, workdir, started)
+        return _locked_train_and_evaluate(experiment, workdir, started)
 
 
 def _locked_train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, started: float
+    experiment: Experiment, workdir: str, started: float
 ) -> dict[str, Any] | None:
     """:func:`train_and_evaluate` in a workdir this run holds."""
-    mesh = parallel.data_mesh()
-    parallel.check_global_batch_size(config.global_batch_size, mesh, "global_batch_size")
-    parallel.check_global_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    experiment = Experiment(config, mesh)  # checks the data: bad input fails before any write
+    config, mesh = experiment.config, experiment.mesh
     checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
     )

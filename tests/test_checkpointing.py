@@ -1,9 +1,11 @@
 """Checkpointer: round trips, keep-last-k, restores across meshes, and clear errors."""
 
+import asyncio
 import gc
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -14,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tensorstore as ts
+from absl import logging as absl_logging
 
-from simclr_jax import parallel, step
-from simclr_jax.checkpointing import Checkpointer, CheckpointError, OrbaxTracebackFilter
+from simclr_jax import cli, parallel, step
+from simclr_jax.checkpointing import Checkpointer, CheckpointError, OrbaxLogFilter
 
 IMAGE_SHAPE = (8, 8, 1)
 METADATA = {"depth": 18, "stem": "cifar", "image_shape": [8, 8, 1], "base_lr": 0.3, "bn": True}
@@ -356,18 +360,46 @@ def test_save_refuses_bad_metadata_and_existing_steps(tmp_path):
             checkpointer.save(1, state, METADATA, force=True)
 
 
-def test_orbax_log_records_keep_their_message_without_the_traceback():
+def _error_raised_in(filename):
+    """``exc_info`` of an error raised by code in ``filename``."""
     try:
-        raise OSError("the disk is full")
+        exec(compile("raise OSError('No space left on device')", filename, "exec"))
     except OSError as error:
-        exc_info = (type(error), error, error.__traceback__)
-    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "manager.py")
-    ours = os.path.join(os.sep, "simclr_jax", "checkpointing.py")
-    orbax_record, our_record = (
-        logging.LogRecord("absl", logging.ERROR, path, 1, "save of %s failed", ("4",), exc_info)
-        for path in (orbax_file, ours)
-    )
-    assert OrbaxTracebackFilter().filter(orbax_record)
-    assert orbax_record.exc_info is None and orbax_record.exc_text is None
-    assert logging.Formatter().format(orbax_record) == "save of 4 failed"
-    assert OrbaxTracebackFilter().filter(our_record) and our_record.exc_info is exc_info
+        return type(error), error, error.__traceback__
+
+
+ORBAX_FILE = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "manager.py")
+OUR_FILE = os.path.join(os.sep, "simclr_jax", "checkpointing.py")
+
+
+def test_the_orbax_log_filter_drops_orbax_records_and_asyncio_reports_of_orbax_writes():
+    def record(logger, path, level, exc_info):
+        return logging.LogRecord(logger, level, path, 1, "save of %s failed", ("4",), exc_info)
+
+    keep = OrbaxLogFilter().filter
+    in_orbax, in_ours = _error_raised_in(ORBAX_FILE), _error_raised_in(OUR_FILE)
+    for level in (logging.WARNING, logging.ERROR):
+        assert not keep(record("absl", ORBAX_FILE, level, None))
+        assert not keep(record("absl", ORBAX_FILE, level, in_orbax))
+    asyncio_file = asyncio.base_events.__file__  # where "exception was never retrieved" is logged
+    assert not keep(record("asyncio", asyncio_file, logging.ERROR, in_orbax))
+    assert keep(record("asyncio", asyncio_file, logging.ERROR, in_ours))
+    assert keep(record("absl", OUR_FILE, logging.ERROR, in_orbax))
+
+
+def test_the_command_lines_drop_writes_that_end_after_their_event_loop_closed(monkeypatch):
+    """What a full disk leaves once Orbax has given up on a save: TensorStore writes that end
+    later call back into the save's event loop, closed by then; Python prints each such error
+    (unraisable, in a callback) with its traceback."""
+    printed = []
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)
+    for logger in (absl_logging.get_absl_logger(), logging.getLogger("asyncio")):
+        monkeypatch.setattr(logger, "filters", [])
+    cli.quiet_orbax()
+    loop = asyncio.new_event_loop()
+    loop.close()
+    for callback in (lambda _: loop.call_soon_threadsafe(print), lambda _: 1 / 0):
+        promise, future = ts.Promise.new()
+        future.add_done_callback(callback)
+        promise.set_result(None)
+    assert [type(u.exc_value) for u in printed] == [ZeroDivisionError]

@@ -1,12 +1,13 @@
 """Every numeric config field is checked before a run starts: a value out of range is one line
 naming the field and the value."""
 
+import json
 import math
 import re
 
 import pytest
 
-from simclr_jax import config_checks, configs
+from simclr_jax import config_checks, configs, encoder, evaluate, trainer
 from simclr_jax.configs import tiny
 
 
@@ -65,3 +66,30 @@ def test_a_value_out_of_range_is_one_line_naming_the_field_and_value(field, valu
 @pytest.mark.parametrize("name", configs.names())
 def test_every_shipped_config_passes(name):
     config_checks.check_config(configs.load(name))
+
+
+def test_every_entry_point_checks_the_config_once_in_one_line(tmp_path, monkeypatch):
+    checked = []
+    check_config = config_checks.check_config
+    monkeypatch.setattr(
+        config_checks, "check_config", lambda config: checked.append(1) or check_config(config)
+    )
+    config = tiny.get_config()
+    config.base_learning_rate = -1.0
+    written = tmp_path / "written"  # what evaluation and the encoder API read
+    written.mkdir()
+    (written / "config.json").write_text(json.dumps(config.to_dict()))
+    workdir = tmp_path / "run"
+    for entry_point in (
+        lambda: trainer.train_and_evaluate(config, str(workdir)),
+        lambda: evaluate.run_protocols(str(written)),
+        lambda: encoder.from_checkpoint(str(written)),
+    ):
+        checked.clear()
+        with pytest.raises(ValueError) as error:
+            entry_point()
+        assert str(error.value) == (
+            "config field base_learning_rate = -1.0 is invalid: it must be a finite number above 0."
+        )
+        assert checked == [1]
+    assert not workdir.exists()  # refused before the workdir is touched

@@ -14,6 +14,9 @@ def test_write_json_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
     jsonio.write_json(path, {"b": [1, 2], "a": 0.5})
     assert json.loads(path.read_text()) == {"a": 0.5, "b": [1, 2]}
     assert os.listdir(tmp_path) == ["results.json"]
+    jsonio.write_bytes(path, b"\x00\xff")
+    assert path.read_bytes() == b"\x00\xff"
+    assert os.listdir(tmp_path) == ["results.json"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -27,7 +30,15 @@ def test_a_written_file_has_the_mode_open_would_give_it(tmp_path, umask):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_a_write_that_fails_names_the_file_and_keeps_its_old_content(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda path: jsonio.write_json(path, {"new": True}),
+        lambda path: jsonio.write_bytes(path, b""),
+    ],
+    ids=["json", "bytes"],
+)
+def test_a_write_that_fails_names_the_file_and_keeps_its_old_content(tmp_path, monkeypatch, write):
     path = tmp_path / "results.json"
     path.write_text('{"old": true}\n')
 
@@ -36,7 +47,7 @@ def test_a_write_that_fails_names_the_file_and_keeps_its_old_content(tmp_path, m
 
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError) as error:
-        jsonio.write_json(path, {"new": True})
+        write(path)
     assert str(error.value) == f"[Errno 28] No space left on device: '{path}'"
     assert json.loads(path.read_text()) == {"old": True}
     assert os.listdir(tmp_path) == ["results.json"]

@@ -19,18 +19,26 @@ def test_format_duration(seconds, text):
     assert reporting.format_duration(seconds) == text
 
 
+def _metrics_log(
+    workdir, *, total_steps=8, steps_per_epoch=8, first_step=0, stream=None
+) -> reporting.MetricsLog:
+    """A log of a run of ``total_steps`` steps of 8 examples in ``workdir``, from ``first_step``,
+    printing to ``stream`` (default: a buffer of its own)."""
+    return reporting.MetricsLog(
+        str(workdir),
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        global_batch_size=8,
+        first_step=first_step,
+        stream=io.StringIO() if stream is None else stream,
+    )
+
+
 def test_metrics_log_writes_records_throughput_and_progress(tmp_path, monkeypatch):
     clock = iter([100.0, 110.0, 115.0])
     monkeypatch.setattr(reporting.time, "perf_counter", lambda: next(clock))
     terminal = io.StringIO()
-    log = reporting.MetricsLog(
-        str(tmp_path),
-        total_steps=100,
-        steps_per_epoch=20,
-        global_batch_size=8,
-        first_step=0,
-        stream=terminal,
-    )
+    log = _metrics_log(tmp_path, total_steps=100, steps_per_epoch=20, stream=terminal)
     log.start(0)
     train = {
         "loss": 2.5,
@@ -63,14 +71,7 @@ def test_a_resumed_log_drops_records_past_its_checkpoint_and_a_torn_line(tmp_pat
     path.write_text("".join(json.dumps(r) + "\n" for r in [*earlier, {"step": 6, "loss": 1.0}]))
     with path.open("a") as f:
         f.write('{"step": 8, "lo')
-    log = reporting.MetricsLog(
-        str(tmp_path),
-        total_steps=8,
-        steps_per_epoch=8,
-        global_batch_size=8,
-        first_step=4,
-        stream=io.StringIO(),
-    )
+    log = _metrics_log(tmp_path, first_step=4)
     log.start(4)
     resumed = log.write(6, {"loss": 3.0})
     log.close()
@@ -104,14 +105,7 @@ def test_a_full_disk_names_metrics_jsonl_and_still_closes_the_summary(tmp_path, 
         return writer
 
     monkeypatch.setattr(reporting.tf.summary, "create_file_writer", recording_file_writer)
-    log = reporting.MetricsLog(
-        str(tmp_path),
-        total_steps=8,
-        steps_per_epoch=8,
-        global_batch_size=8,
-        first_step=0,
-        stream=io.StringIO(),
-    )
+    log = _metrics_log(tmp_path)
     # As in the trainer: the log is closed while the error unwinds, and must not replace it.
     with pytest.raises(OSError) as error, contextlib.closing(log):
         log.write(2, {"loss": 1.0})

@@ -18,9 +18,10 @@ Datasets:
   channel, colour becomes RGB, alpha is dropped. `dataset_info` checks every image of the split
   first (so a run finds bad files before it trains): each file is opened with PIL, which reads
   its header (format and size) and, for PNG, checks every chunk's checksum, without decoding the
-  pixels. Unreadable files and files of another size are reported in one error naming them. (A
-  file that passes and still fails to decode, or a split read without `dataset_info`, fails when
-  read, naming the file.)
+  pixels. Unreadable files and files of another size are reported in one error naming them. A
+  split that passed is not checked again in the same process while none of its files is added,
+  removed or changed (path, size, modification and change times). (A file that passes and still
+  fails to decode, or a split read without the check, fails when read, naming the file.)
 
 Per-process slices are contiguous and differ in size by at most one example: TFDS datasets use
 `tfds.split_for_jax_process`; folders split their sorted file list the same way.
@@ -28,6 +29,7 @@ Per-process slices are contiguous and differ in size by at most one example: TFD
 
 import dataclasses
 import difflib
+import hashlib
 import os
 from collections.abc import Callable
 
@@ -71,17 +73,24 @@ class Source:
 
 
 def dataset_info(
-    name: str, split: str, data_dir: str | None = None, dataset_dir: str | None = None
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    dataset_dir: str | None = None,
+    *,
+    check_images: bool = True,
 ) -> DatasetInfo:
     """Metadata of `split` of dataset `name`, read at run time.
 
     For TFDS datasets, `data_dir` is the TFDS data directory (None: `$TFDS_DATA_DIR`, else
     `~/tensorflow_datasets`); the dataset must have been prepared (`prepare_dataset`). `split`
     may be any TFDS split expression (`"train"`, `"train[:10%]"`, ...). For `"image_folder"`,
-    `dataset_dir` is the folder and `split` one of its subfolders.
+    `dataset_dir` is the folder and `split` one of its subfolders; with `check_images` (for a
+    caller about to read the images) every image of the split is checked first, once per process
+    while the files stay the same, and a `ValueError` names the bad ones.
     """
     if name == IMAGE_FOLDER:
-        return _FolderSplit.load(dataset_dir, split, check_images=True).info
+        return _FolderSplit.load(dataset_dir, split, check_images=check_images).info
     builder = _prepared_builder(name, data_dir)
     return _tfds_info(builder, name, split)
 
@@ -301,7 +310,34 @@ def _listed(items: list[str], limit: int = 3) -> str:
     return ", ".join(items[:limit]) + more
 
 
+# Split directory (absolute) -> fingerprint of the files of its last check that passed.
+_CHECKED_SPLITS: dict[str, bytes] = {}
+
+
+def _fingerprint(paths: tuple[str, ...]) -> bytes | None:
+    """A digest of each file's path, size, modification and change times (a file replaced by
+    a rename changes its change time), or None when a file cannot be found."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\n".encode())
+    return digest.digest()
+
+
 def _check_images(split_dir: str, paths: tuple[str, ...]) -> None:
+    """:func:`_open_every_image`, unless the same files passed it already in this process."""
+    key, fingerprint = os.path.abspath(split_dir), _fingerprint(paths)
+    if fingerprint is not None and _CHECKED_SPLITS.get(key) == fingerprint:
+        return
+    _open_every_image(split_dir, paths)
+    if fingerprint is not None:
+        _CHECKED_SPLITS[key] = fingerprint
+
+
+def _open_every_image(split_dir: str, paths: tuple[str, ...]) -> None:
     """Opens every image with PIL (its header; for PNG, every chunk's checksum) and raises one
     ValueError naming the files that cannot be read and those of another size than the first."""
     unreadable, other_size, expected = [], [], None
