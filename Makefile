@@ -28,10 +28,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 
 install: $(VENV)/.installed
 
-# libtpu, for the tests that compile the train step for TPU topologies on this CPU host (no TPU
-# needed): the version the installed jax asks for, kept in $(TPU_COMPILER_DIR) rather than in the
-# environment, so that JAX never tries to open a TPU at start-up. x86-64 Linux only; elsewhere
-# those tests skip.
+# libtpu, for `python -m simclr_jax.compile_check` and its tests, which compile the train step
+# for TPU topologies on this CPU host (no TPU needed): the version the installed jax asks for,
+# kept in $(TPU_COMPILER_DIR) rather than in the environment, so that JAX never tries to open a
+# TPU at start-up. x86-64 Linux only; elsewhere those tests skip.
 TPU_COMPILER_DIR := .tpu-compiler
 tpu-compiler: $(VENV)/.installed
 	@if [ "$$(uname -sm)" = "Linux x86_64" ] && [ ! -f $(TPU_COMPILER_DIR)/libtpu/libtpu.so ]; then \

@@ -92,7 +92,9 @@ class Experiment:
     training, evaluation), every image of an image folder's splits is checked too, each split
     once per process while its files stay the same
     (:func:`simclr_jax.data.pipeline.dataset_info`); without it (restoring an encoder), only
-    the first image of each split is read, for its shape.
+    the first image of each split is read, for its shape. With ``dataset_info`` (a program
+    compiled but never run: :mod:`simclr_jax.compile_check`), the dataset is neither prepared
+    nor read, and every split takes that metadata.
 
     Attributes: ``config``, ``mesh``, the splits' ``train_info``/``probe_info``/``eval_info``,
     ``image_size``/``image_shape``, ``num_classes``, ``steps_per_epoch``, ``total_steps``,
@@ -100,17 +102,27 @@ class Experiment:
     and ``hybrid`` (the reconstruction terms, or None).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *, check_images: bool = True):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: Mesh,
+        *,
+        check_images: bool = True,
+        dataset_info: pipeline.DatasetInfo | None = None,
+    ):
         config_checks.check_config(config)
         self.config = config
         self.mesh = mesh
         data_dir = config.data_dir or None
         dataset_dir = config.dataset_dir or None
         self.data_kwargs = {"data_dir": data_dir, "dataset_dir": dataset_dir}
-        pipeline.prepare_dataset(config.dataset, data_dir=data_dir, dataset_dir=dataset_dir)
+        if dataset_info is None:
+            pipeline.prepare_dataset(config.dataset, data_dir=data_dir, dataset_dir=dataset_dir)
         infos: dict[str, pipeline.DatasetInfo] = {}
 
         def info(split: str) -> pipeline.DatasetInfo:  # each split read once
+            if dataset_info is not None:
+                return dataset_info
             if split not in infos:
                 infos[split] = pipeline.dataset_info(
                     config.dataset, split, check_images=check_images, **self.data_kwargs

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -19,10 +20,19 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh named ``data`` over ``devices`` (default: every device of every process).
 
     The axis is ``AxisType.Auto`` so that the compiler, not hand-written collectives, handles the
-    cross-device reductions of a replicated model applied to a batch-sharded input.
+    cross-device reductions of a replicated model applied to a batch-sharded input. Devices of
+    several TPU slices (a multi-slice job: devices with distinct ``slice_index``) are laid out
+    slice after slice, each slice in its own efficient order, so the axis spans every slice.
     """
     devices = list(jax.devices() if devices is None else devices)
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), (AxisType.Auto,), devices=devices)
+    slices = {getattr(device, "slice_index", 0) for device in devices}
+    if len(slices) == 1:
+        return jax.make_mesh((len(devices),), (DATA_AXIS,), (AxisType.Auto,), devices=devices)
+    # jax.make_mesh refuses devices of several slices.
+    ordered = mesh_utils.create_hybrid_device_mesh(
+        (len(devices) // len(slices),), (len(slices),), devices
+    )
+    return Mesh(ordered, (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
