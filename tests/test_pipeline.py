@@ -32,11 +32,12 @@ class TinyIndexedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     name = "tiny_indexed_images"
     VERSION = tfds.core.Version("1.0.0")
+    IMAGE_SHAPE = (TINY_SIDE, TINY_SIDE, 3)
 
     def _info(self):
         features = tfds.features.FeaturesDict(
             {
-                "image": tfds.features.Image(shape=(TINY_SIDE, TINY_SIDE, 3)),
+                "image": tfds.features.Image(shape=self.IMAGE_SHAPE),
                 "label": tfds.features.ClassLabel(num_classes=max(TINY_SPLIT_SIZES.values())),
             }
         )
@@ -48,32 +49,22 @@ class TinyIndexedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     def _generate_examples(self, num_examples):
         for i in range(num_examples):
-            yield i, {"image": np.full((TINY_SIDE, TINY_SIDE, 3), i + 1, np.uint8), "label": i}
+            yield i, {"image": np.full(self._image_shape(i), i + 1, np.uint8), "label": i}
+
+    def _image_shape(self, index):
+        del index
+        return self.IMAGE_SHAPE
 
 
-class TinyVariedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Example i has label i and a constant image of value i + 1, of side 6 + i % 5 pixels."""
+class TinyVariedImages(TinyIndexedImages, skip_registration=True):
+    """As `TinyIndexedImages`, but example i's image is 6 + i % 5 pixels high, one more wide."""
 
     name = "tiny_varied_images"
-    VERSION = tfds.core.Version("1.0.0")
+    IMAGE_SHAPE = (None, None, 3)
 
-    def _info(self):
-        features = tfds.features.FeaturesDict(
-            {
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "label": tfds.features.ClassLabel(num_classes=TINY_SPLIT_SIZES["train"]),
-            }
-        )
-        return tfds.core.DatasetInfo(builder=self, features=features)
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        return {"train": self._generate_examples(TINY_SPLIT_SIZES["train"])}
-
-    def _generate_examples(self, num_examples):
-        for i in range(num_examples):
-            side = 6 + i % 5
-            yield i, {"image": np.full((side, side + 1, 3), i + 1, np.uint8), "label": i}
+    def _image_shape(self, index):
+        side = 6 + index % 5
+        return (side, side + 1, 3)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ arrays, which the trainer assembles into global arrays. TensorFlow runs on the C
 
 Pretraining stream (`pretrain_batches`): the slice is read epoch after epoch, each epoch shuffled
 with its own seed, derived from (seed, process index, epoch). When the dataset's images share one
-size, each batch is augmented at once (`augment.simclr_views_batch`)
-with a seed derived from (seed, process index, step); otherwise each example is augmented on its
-own (`augment.simclr_views`) with a seed derived from (seed, process index, the example's
-position in this process's endless stream). Either way the stream is a pure function of its
+size, each batch is augmented at once (`augment.simclr_views_batch`) with a seed derived from
+(seed, process index, step); otherwise each example is augmented on its own
+(`augment.simclr_views`) with a seed derived from (seed, process index, the example's position
+in this process's endless stream). Either way the stream is a pure function of its
 arguments: thread scheduling cannot change it, and a stream started at step k skips the records
 before step k (at most one epoch of reading, no augmentation) and then yields exactly what a
 stream started at step 0 yields from its k-th batch on. The shuffle buffer bounds how far an
