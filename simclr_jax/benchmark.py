@@ -3,13 +3,14 @@
 Times the real SimCLR training step (the model, NT-Xent, optimiser and jit over a data mesh that
 ``python -m simclr_jax.train`` uses) on random images of a given shape, and prints one JSON line:
 median and minimum step time over ``--steps`` timed steps after compilation and ``--warmup``
-untimed ones; images/s (views: a step processes ``2 * batch`` images); the step's FLOPs; the
-FLOP/s achieved; and utilisation against the float32 matmul FLOP/s that the same process
-measures on the same devices.
+untimed ones; views/s (a step processes two views of each of ``batch`` images); the step's
+FLOPs; the FLOP/s achieved; and utilisation against the float32 matmul FLOP/s that the same
+process measures on the same devices.
 
-``flops_per_step`` is the model's work, whichever ``conv_impl`` is timed: XLA's cost analysis of
-the same step compiled (not run) with ``conv_impl="xla"``, so every formulation is measured
-against the same count; ``achieved_flops_per_s`` and ``utilisation`` divide it by the timed step.
+``flops_per_step`` is the model's work over all devices, whichever ``conv_impl`` is timed: XLA's
+cost analysis (one device's share) of the same step compiled (not run) with ``conv_impl="xla"``,
+times the devices, so every formulation is measured against the same count;
+``achieved_flops_per_s`` and ``utilisation`` divide it by the timed step.
 The record names the compiler options the step was compiled with
 (:func:`simclr_jax.kernels.compiler_options`).
 
@@ -27,6 +28,8 @@ the batch (forward, input gradient, kernel gradient: ``conv_layers`` and ``conv_
 show where the step's convolution time goes (:mod:`simclr_jax.cpu.conv_layers`).
 """
 
+from __future__ import annotations
+
 import argparse
 import contextlib
 import json
@@ -35,7 +38,7 @@ import statistics
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +47,7 @@ import numpy as np
 
 from simclr_jax import (
     cli,
+    compile_check,
     configs,
     input_throughput,
     jsonio,
@@ -55,6 +59,9 @@ from simclr_jax import (
 )
 from simclr_jax.cpu import conv_layers
 from simclr_jax.models import XLA_LAYERS, Layers, SimCLR, simclr_resnet
+
+if TYPE_CHECKING:  # imports TensorFlow: the recipe path imports it late
+    from simclr_jax.data import pipeline
 
 
 @dataclass(frozen=True)
@@ -76,12 +83,14 @@ class StepSetup:
     temperature: float = 0.5
 
 
-def setup_from_config(config: ml_collections.ConfigDict) -> StepSetup:
+def setup_from_config(
+    config: ml_collections.ConfigDict, info: pipeline.DatasetInfo | None = None
+) -> StepSetup:
     """The step a recipe trains: its model, global batch, dtype and optimiser, at the image shape
-    its dataset has (read from the dataset's metadata, so the dataset must be prepared)."""
+    of its dataset's metadata ``info`` (None: read from the dataset, which must be prepared)."""
     from simclr_jax.data import pipeline
 
-    info = pipeline.dataset_info(
+    info = info or pipeline.dataset_info(
         config.dataset,
         config.train_split,
         data_dir=config.data_dir or None,
@@ -131,14 +140,6 @@ def _model(setup: StepSetup, layers: Layers) -> SimCLR:
     )
 
 
-def _flops(compiled: jax.stages.Compiled) -> float:
-    """The FLOPs XLA's cost analysis counts in a compiled computation (NaN if it has none)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list):  # one entry per computation in some JAX versions
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", float("nan")))
-
-
 def benchmark_step(
     setup: StepSetup, steps: int = 10, warmup: int = 2, devices: int | None = None
 ) -> dict[str, Any]:
@@ -171,10 +172,13 @@ def benchmark_step(
     )
     compiled = train_step.lower(state, batch, key).compile()
     if layers == XLA_LAYERS:
-        flops = _flops(compiled)
+        flops_per_device = compile_check.compiled_flops(compiled)
     else:  # the same parameters, computed by XLA's own convolutions: compiled, never run
         xla_state = state.replace(apply_fn=_model(setup, XLA_LAYERS).apply)
-        flops = _flops(train_step.lower(xla_state, batch, key).compile())
+        flops_per_device = compile_check.compiled_flops(
+            train_step.lower(xla_state, batch, key).compile()
+        )
+    flops = flops_per_device * mesh.devices.size  # the step's work over all devices
 
     def run_one():
         nonlocal state
@@ -194,9 +198,9 @@ def benchmark_step(
         "conv_impl_resolved": layers.name,
         "compiler_options": kernels.compiler_options(mesh),
         "steps": steps,
-        "median_step_s": round(median, 4),
-        "min_step_s": round(min(times), 4),
-        "images_per_s": round(2 * setup.batch / median, 2),
+        "median_step_s": round(median, 6),
+        "min_step_s": round(min(times), 6),
+        "views_per_s": round(2 * setup.batch / median, 2),
         "flops_per_step": flops,
         "achieved_flops_per_s": flops / median,
         "matmul_peak_flops_per_s": peak,
@@ -220,28 +224,26 @@ def conv_layer_fields(setup: StepSetup, devices: int) -> dict[str, Any]:
     return conv_layers.time_convolutions(convolutions, layers, jnp.dtype(setup.dtype))
 
 
-def input_fields(config: ml_collections.ConfigDict, step_images_per_s: float) -> dict[str, float]:
+def input_fields(config: ml_collections.ConfigDict, step_views_per_s: float) -> dict[str, float]:
     """``input_pairs_per_s`` of ``config``'s pretraining pipeline (this process, model-free) and
     ``input_headroom``: the views it makes per second over those the step consumes per process."""
     measured = input_throughput.measure_pretrain_throughput(config)
-    consumed = step_images_per_s / jax.process_count()
+    consumed = step_views_per_s / jax.process_count()
     return {
         "input_pairs_per_s": round(measured["pairs_per_s"], 2),
         "input_headroom": round(measured["views_per_s"] / consumed, 3),
     }
 
 
-def measure_data_wait(config: ml_collections.ConfigDict, steps: int = 30) -> dict[str, float]:
-    """``data_wait_fraction`` of a ``steps``-step training run of ``config`` in a temporary workdir.
+def short_training_run(config: ml_collections.ConfigDict, steps: int) -> list[dict[str, Any]]:
+    """The ``metrics.jsonl`` records of a ``steps``-step training run of ``config`` in a temporary
+    workdir.
 
-    Runs :func:`simclr_jax.trainer.train_and_evaluate` without evaluation, logging six times; the
-    first logged interval (compilation, the pipeline's start) is left out of the mean. The run's
-    terminal output goes to stderr, so stdout keeps one JSON line.
+    Runs :func:`simclr_jax.trainer.train_and_evaluate` without evaluation, logging six times. The
+    run's terminal output goes to stderr, so stdout keeps one JSON line.
     """
     from simclr_jax import trainer
 
-    if steps < 2:
-        raise ValueError(f"--data-wait-steps must be at least 2, got {steps}.")
     config = config.copy_and_resolve_references()
     config.num_train_steps = steps
     config.log_every_steps = max(1, steps // 6)
@@ -251,10 +253,26 @@ def measure_data_wait(config: ml_collections.ConfigDict, steps: int = 30) -> dic
     config.evaluate_at_end = False
     with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(sys.stderr):
         trainer.train_and_evaluate(config, workdir)
-        records = jsonio.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    fractions = [r["data_wait_fraction"] for r in records if "data_wait_fraction" in r]
+        return jsonio.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+
+
+def steady_mean(records: list[dict[str, Any]], field: str) -> float:
+    """The mean of ``field`` over the records that log it, the first of them left out when there
+    are more (a warm-up interval: ``data_wait_fraction``'s first holds compilation)."""
+    values = [r[field] for r in records if field in r]
+    if not values:
+        raise ValueError(f"no logged record has {field!r}: train for more steps.")
+    return statistics.mean(values[1:] or values)
+
+
+def measure_data_wait(config: ml_collections.ConfigDict, steps: int = 30) -> dict[str, float]:
+    """``data_wait_fraction`` of a ``steps``-step :func:`short_training_run` of ``config``: the
+    mean over the logged intervals after the first."""
+    if steps < 2:
+        raise ValueError(f"--data-wait-steps must be at least 2, got {steps}.")
+    records = short_training_run(config, steps)
     return {
-        "data_wait_fraction": round(statistics.mean(fractions[1:] or fractions), 4),
+        "data_wait_fraction": round(steady_mean(records, "data_wait_fraction"), 4),
         "data_wait_steps": steps,
     }
 
@@ -402,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
                 **benchmark_step(setup, args.steps, args.warmup, args.devices),
             }
             if not args.no_input:
-                record.update(input_fields(config, record["images_per_s"]))
+                record.update(input_fields(config, record["views_per_s"]))
             if args.measure_data_wait:
                 record.update(measure_data_wait(config, args.data_wait_steps))
         if args.conv_layers:

@@ -62,7 +62,8 @@ CHIP_CONFIGS = {"v4": "megacore"}
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """A TPU generation's published figures, per chip (one JAX device per chip)."""
+    """A TPU generation's published figures per JAX device: a chip, except on v3, whose chips
+    hold two TensorCores that JAX sees as two devices (the figures are then per core)."""
 
     name: str
     device_kinds: tuple[str, ...]  # jax.Device.device_kind of its devices
@@ -71,6 +72,9 @@ class Chip:
 
 
 CHIPS = (
+    # cloud.google.com/tpu/docs/v3 ("Key specifications": 123 TFLOP/s bf16, 32 GiB HBM2 per
+    # chip); per TensorCore (one JAX device), half of each.
+    Chip("v3", ("TPU v3",), 61.5e12, 16 * 2**30),
     # cloud.google.com/tpu/docs/v4 ("TPU v4 chip": 275 TFLOP/s bf16, 32 GiB HBM2).
     Chip("v4", ("TPU v4",), 275e12, 32 * 2**30),
     # cloud.google.com/tpu/docs/v5e ("Chip specifications": 197 TFLOP/s bf16, 16 GiB HBM2).

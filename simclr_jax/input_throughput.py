@@ -1,6 +1,6 @@
 """How fast the pretraining input pipeline alone produces augmented pairs, without any model.
 
-Compare its ``pairs_per_s`` with the training loop's throughput (``images_per_s / 2``): when the
+Compare its ``pairs_per_s`` with the training loop's throughput (``views_per_s / 2``): when the
 pipeline is not much faster, training is input-bound (see ``data_wait_fraction`` in the metrics).
 """
 

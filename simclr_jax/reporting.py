@@ -32,7 +32,7 @@ def format_duration(seconds: float) -> str:
 class MetricsLog:
     """Writes logged steps to ``WORKDIR/metrics.jsonl``, TensorBoard and the terminal.
 
-    Throughput is measured between consecutive :meth:`write` calls: ``images_per_s`` counts
+    Throughput is measured between consecutive :meth:`write` calls: ``views_per_s`` counts
     augmented views (two per example), as the benchmarks do. A run that resumes from the
     checkpoint of step ``first_step`` first drops the records an earlier run logged after that
     step, and any line a crash cut off (the file is rewritten atomically), so that
@@ -73,7 +73,7 @@ class MetricsLog:
         record = {"step": step, "epoch": step / self._steps_per_epoch, **metrics}
         if self._last is not None and step > self._last[0]:
             seconds_per_step = (now - self._last[1]) / (step - self._last[0])
-            record["images_per_s"] = self._views_per_step / seconds_per_step
+            record["views_per_s"] = self._views_per_step / seconds_per_step
             record["eta_s"] = seconds_per_step * (self._total_steps - step)
         self._last = (step, now)
         if self._enabled:
@@ -96,7 +96,7 @@ class MetricsLog:
     def _progress_line(self, record: dict[str, float]) -> str:
         parts = [f"step {record['step']}/{self._total_steps}", f"epoch {record['epoch']:.2f}"]
         if "loss" not in record:  # an evaluation record
-            others = sorted(set(record) - {"step", "epoch", "images_per_s", "eta_s"})
+            others = sorted(set(record) - {"step", "epoch", "views_per_s", "eta_s"})
             return "  ".join(parts + [f"{name} {record[name]:.4f}" for name in others])
         parts += [
             f"loss {record['loss']:.4f}",
@@ -104,8 +104,8 @@ class MetricsLog:
             f"contrastive_acc {record.get('contrastive_accuracy', math.nan):.3f}",
             f"probe_acc {record.get('probe_accuracy', math.nan):.3f}",
         ]
-        if "images_per_s" in record:
-            parts.append(f"{record['images_per_s']:.0f} img/s")
+        if "views_per_s" in record:
+            parts.append(f"{record['views_per_s']:.0f} views/s")
             parts.append(f"ETA {format_duration(record['eta_s'])}")
         return "  ".join(parts)
 

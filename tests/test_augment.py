@@ -245,11 +245,12 @@ def test_crop_falls_back_to_whole_image_when_no_box_fits():
 @pytest.mark.parametrize("area_range", [(0.08, 1.0), (0.2, 1.0)])
 def test_crop_sizes_follow_tensorflows_box_sampler(area_range):
     """Official SimCLR samples boxes with ``tf.image.sample_distorted_bounding_box``: the
-    vectorised sampler must give boxes of the same size distribution."""
+    vectorised sampler must give boxes of the same size and position distribution."""
     num = 3000
     boxes = augment.sample_crop_boxes(28, 28, [5, 5], num, area_range).numpy()
-    reference = _map_over_seeds(
-        lambda seed: tf.image.stateless_sample_distorted_bounding_box(
+
+    def reference_box(seed):
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
             [28, 28, 1],
             tf.zeros([1, 0, 4]),
             seed,
@@ -258,9 +259,11 @@ def test_crop_sizes_follow_tensorflows_box_sampler(area_range):
             area_range=area_range,
             max_attempts=100,
             use_image_if_no_bounding_boxes=True,
-        )[1][:2],
-        _seeds(num, base=5),
-    )
+        )
+        return tf.stack([begin[:2], size[:2]])
+
+    reference = _map_over_seeds(reference_box, _seeds(num, base=5))
+    reference_offsets, reference = reference[:, 0, :2], reference[:, 1, :2]
     areas = boxes[:, 2] * boxes[:, 3] / 28**2
     reference_areas = reference[:, 0] * reference[:, 1] / 28**2
     quantiles = [0.05, 0.25, 0.5, 0.75, 0.95]
@@ -270,6 +273,10 @@ def test_crop_sizes_follow_tensorflows_box_sampler(area_range):
     assert (
         abs(np.mean(boxes[:, 3] / boxes[:, 2]) - np.mean(reference[:, 1] / reference[:, 0])) < 0.02
     )
+    # Offsets too: uniform in [0, 28 - side), so a box shorter than the image never touches
+    # the bottom or right edge.
+    np.testing.assert_allclose(boxes[:, :2].mean(0), reference_offsets.mean(0), atol=0.3)
+    assert np.all((boxes[:, :2] + boxes[:, 2:] < 28) | (boxes[:, 2:] == 28))
 
 
 def test_random_resized_crop_output():

@@ -30,13 +30,17 @@ def test_one_json_line_and_the_models_flops_whatever_conv_impl(capsys):
     xla = _record(capsys, [*TINY, "--conv-impl=xla"])
     subpixel = _record(capsys, [*TINY, "--conv-impl=subpixel_input_grads"])
     auto = _record(capsys, TINY)
+    # Over two devices the step's work is the same: flops_per_step counts every device's share.
+    two_devices = _record(capsys, [*TINY, "--conv-impl=xla", "--devices=2"])
     for record in (xla, subpixel, auto):
-        assert record["images_per_s"] > 0 and record["median_step_s"] > 0
+        assert record["views_per_s"] > 0 and record["median_step_s"] > 0
         assert record["batch"] == 8 and record["base_width"] == 4 and record["channels"] == 1
         assert record["stem"] == "cifar" and record["devices"] == 1
         assert "input_pairs_per_s" not in record  # no recipe, no input pipeline
     assert subpixel["conv_impl_resolved"] == "subpixel_input_grads"
     assert xla["flops_per_step"] > 0
+    assert two_devices["devices"] == 2
+    assert two_devices["flops_per_step"] == pytest.approx(xla["flops_per_step"], rel=0.05)
     assert xla["conv_impl_resolved"] == "xla"
     # One CPU device (--devices=1): oneDNN's kernels, or the phases where they cannot be built.
     one_device = "onednn" if extension.unavailable_reason() is None else "subpixel_input_grads"
@@ -72,7 +76,7 @@ def test_flags_override_the_recipe_and_the_input_pipeline_is_timed(capsys, fashi
     assert (record["image_size"], record["channels"], record["temperature"]) == (16, 1, 0.5)
     assert record["input_pairs_per_s"] > 0
     assert record["input_headroom"] == pytest.approx(
-        2 * record["input_pairs_per_s"] / record["images_per_s"], rel=1e-2
+        2 * record["input_pairs_per_s"] / record["views_per_s"], rel=1e-2
     )
 
 

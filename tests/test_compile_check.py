@@ -137,3 +137,11 @@ def test_a_step_libtpu_refuses_for_memory_is_a_line_that_does_not_fit(
     record = compile_check.check_topology(config, compile_check.dataset_info(config), "v5e:2x2")
     assert record["fits"] is False and record["compile_error"].startswith("RESOURCE_EXHAUSTED")
     assert record["devices"] == 4 and "flops_per_device_per_step" not in record
+
+
+@needs_libtpu
+def test_v3_devices_are_tensorcores_with_half_a_chips_figures():
+    devices = compile_check.topology_devices("v3:2x2")
+    assert len(devices) == 8  # 4 chips of two TensorCores
+    v3 = compile_check.chip(devices)
+    assert (v3.name, v3.peak_bf16_flops_per_s, v3.hbm_bytes) == ("v3", 61.5e12, 16 * 2**30)

@@ -50,15 +50,15 @@ def test_metrics_log_writes_records_throughput_and_progress(tmp_path, monkeypatc
     second = log.write(10, {"eval_knn_top1": 0.75})  # same step: no throughput
     log.close()
 
-    assert first["images_per_s"] == pytest.approx(16.0)
+    assert first["views_per_s"] == pytest.approx(16.0)
     assert first["eta_s"] == pytest.approx(90.0)
     assert first["epoch"] == pytest.approx(0.5)
-    assert "images_per_s" not in second
+    assert "views_per_s" not in second
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records == [first, second]
     lines = terminal.getvalue().splitlines()
     assert lines[0].startswith("step 10/100  epoch 0.50  loss 2.5000  contrastive_loss 2.0000")
-    assert lines[0].endswith("16 img/s  ETA 1m30s")
+    assert lines[0].endswith("16 views/s  ETA 1m30s")
     assert lines[1] == "step 10/100  epoch 0.50  eval_knn_top1 0.7500"
     assert list((tmp_path / "tensorboard").iterdir())
 

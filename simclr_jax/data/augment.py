@@ -19,8 +19,6 @@ no mean/std normalisation. An optional random rotation (not in SimCLR's recipe; 
 autoencoder article uses ±15°) follows the crop when ``rotation_degrees > 0``.
 
 Deliberate choices where implementations differ:
-- The crop's position is uniform over every placement inside the image (TensorFlow's box
-  sampler never places a box shorter than the image against its bottom or right edge).
 - Gaussian blur draws one σ per image (as in the paper) rather than one per batch (official
   code, which blurs on device), and pads by reflection instead of with zeros, so borders are not
   darkened.
@@ -118,8 +116,9 @@ def sample_crop_boxes(
     attempts draws an aspect ratio (width/height) uniformly from ``aspect_range`` and a whole
     height uniformly among those whose area fraction (width = round(height × aspect)) lies in
     ``area_range``; the first attempt that fits the image and covers at least 10% of it wins,
-    and the whole image is used when none does. The box's position is uniform over every
-    placement inside the image. All ``num`` boxes are drawn together, in a fixed number of ops.
+    and the whole image is used when none does. As in TensorFlow, the top (left) offset of a box
+    shorter (narrower) than the image is uniform in ``[0, H - h)``, so such a box never touches
+    the bottom (right) edge. All ``num`` boxes are drawn together, in a fixed number of ops.
     """
     height = tf.cast(image_height, tf.float32)
     width = tf.cast(image_width, tf.float32)
@@ -162,12 +161,8 @@ def sample_crop_boxes(
     found = tf.reduce_any(fits, axis=1)
     box_height = tf.where(found, tf.gather(box_height, first, batch_dims=1), height)
     box_width = tf.where(found, tf.gather(box_width, first, batch_dims=1), width)
-    top = tf.floor(
-        tf.random.stateless_uniform([num], _as_seed(top_seed)) * (height - box_height + 1)
-    )
-    left = tf.floor(
-        tf.random.stateless_uniform([num], _as_seed(left_seed)) * (width - box_width + 1)
-    )
+    top = tf.floor(tf.random.stateless_uniform([num], _as_seed(top_seed)) * (height - box_height))
+    left = tf.floor(tf.random.stateless_uniform([num], _as_seed(left_seed)) * (width - box_width))
     return tf.cast(tf.stack([top, left, box_height, box_width], axis=1), tf.int32)
 
 
