@@ -408,7 +408,7 @@ def _setup_from_args(args: argparse.Namespace) -> StepSetup:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
-    try:
+    with cli.errors_as_one_line(ValueError, FileNotFoundError):
         if not args.config:
             setup = _setup_from_args(args)
             record = benchmark_step(setup, args.steps, args.warmup, args.devices)
@@ -425,8 +425,6 @@ def main(argv: list[str] | None = None) -> None:
                 record.update(measure_data_wait(config, args.data_wait_steps))
         if args.conv_layers:
             record.update(conv_layer_fields(setup, record["devices"]))
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
     print(json.dumps(record), flush=True)
 
 

@@ -91,6 +91,16 @@ def one_line_flag_errors() -> Iterator[None]:
         sys.exit(f"error: invalid command line or config override: {' '.join(detail.split())}")
 
 
+@contextlib.contextmanager
+def errors_as_one_line(*error_types: type[Exception]) -> Iterator[None]:
+    """Ends the command with one line, ``error: MESSAGE`` (the message's lines joined), when the
+    block raises one of ``error_types``: what a bad input (config, files, devices) gets."""
+    try:
+        yield
+    except error_types as error:
+        sys.exit(f"error: {' '.join(str(error).split())}")
+
+
 def resolve_config_argument(argv: list[str]) -> list[str]:
     """``argv`` with the value of ``--config`` (a shipped config's name or a file's path) turned
     into the config file's path (:func:`simclr_jax.configs.config_path`)."""

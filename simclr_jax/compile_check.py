@@ -341,15 +341,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
-    try:
+    with cli.errors_as_one_line(ValueError, FileNotFoundError):
         config = configs.load(args.config)
         cli.apply_config_overrides(config, args.overrides)
         info = dataset_info(config)
         for topology in filter(None, (t.strip() for t in args.topology.split(","))):
             record = check_topology(config, info, topology, args.num_slices, args.mfu)
             print(json.dumps({"config": args.config, **record}), flush=True)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {' '.join(str(error).split())}") from None
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import jax
 
 from simclr_jax import benchmark, cli, compile_check, configs
 from simclr_jax.benchmark import StepSetup
+from simclr_jax.data import fashion_mnist_offline
 
 # A CIFAR-10-sized epoch: the training split's images.
 CIFAR10_TRAIN_IMAGES = 50_000
@@ -155,14 +156,6 @@ def cifar10_epoch_fields(step: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def prepare_fashion_mnist(data_dir: str | None, source_dir: str) -> None:
-    """Prepares TFDS ``fashion_mnist`` in ``data_dir`` from the IDX files in ``source_dir``
-    (nothing to do if it is prepared). Raises FileNotFoundError naming missing files."""
-    from simclr_jax.data import fashion_mnist_offline
-
-    fashion_mnist_offline.prepare_fashion_mnist_offline(data_dir, source_dir)
-
-
 def fashion_mnist_run(args: argparse.Namespace) -> dict[str, Any]:
     """A ``args.train_steps``-step training run of ``fashion_mnist`` (``tiny`` with ``--smoke``)
     on the prepared data: its batch, views/s and data-wait fraction after the first interval."""
@@ -194,7 +187,7 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
             f"JAX's backend is {backend!r}, not 'gpu': install jax[cuda12] as the README says "
             "(or pass --smoke for the reduced run on this device)."
         )
-    prepare_fashion_mnist(args.data_dir, args.fashion_mnist_files)
+    fashion_mnist_offline.prepare_fashion_mnist_offline(args.data_dir, args.fashion_mnist_files)
     devices = jax.devices()[: args.devices]
     kind = devices[0].device_kind
     gpu = gpu_for_kind(kind)
@@ -255,10 +248,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
-    try:
+    with cli.errors_as_one_line(ValueError, FileNotFoundError):
         record = check(args)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {' '.join(str(error).split())}") from None
     print(json.dumps(record), flush=True)
 
 

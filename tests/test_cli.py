@@ -76,3 +76,13 @@ def test_opt_out_and_an_explicit_setting_are_left_alone():
         assert sum(line.startswith("start") for line in lines) == 1
         assert f"tunables {env.get('GLIBC_TUNABLES')}" in lines
         assert not _advised_huge(lines)
+
+
+def test_listed_errors_end_the_command_in_one_line_and_others_pass_through():
+    with pytest.raises(SystemExit) as exit_info, cli.errors_as_one_line(ValueError, OSError):
+        raise FileNotFoundError("files not found:\n  a.idx\n  b.idx")
+    assert exit_info.value.code == "error: files not found: a.idx b.idx"
+    with pytest.raises(KeyError), cli.errors_as_one_line(ValueError):
+        raise KeyError("not listed")
+    with cli.errors_as_one_line(ValueError):
+        pass  # nothing raised: the block simply runs
