@@ -1,18 +1,21 @@
-"""The ranges of a run config's numeric fields, checked before a run starts.
+"""The ranges of a run config's numeric fields (and its choices), checked before a run starts.
 
 :func:`check_config` is called by :class:`simclr_jax.experiment.Experiment`, which every command
 builds first (the trainer before it touches the workdir): a value out of range (a negative
-learning rate, a 3-pixel image, a batch of 0) is one error line naming the field and the value,
-instead of a run that trains in the wrong direction or fails deep inside a library.
+learning rate, a 3-pixel image, a batch of 0, an unknown objective) is one error line naming the
+field and the value, instead of a run that trains in the wrong direction or fails deep inside a
+library.
 ``simclr_jax/configs/default.py`` documents what each field means.
 """
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
+from simclr_jax.losses import OBJECTIVES
 from simclr_jax.models.resnet import DEPTHS
 
 MIN_IMAGE_SIZE = 8  # below this, crops and the ResNet's strides leave nothing to learn from
@@ -77,6 +80,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.base_width": _AT_LEAST_1,
     "model.projection_layers": _AT_LEAST_1,
     "model.projection_dim": _AT_LEAST_1,
+    "objective": (lambda v: v in OBJECTIVES, f"one of {', '.join(map(repr, OBJECTIVES))}"),
     "temperature": _POSITIVE,
     "loss_block_size": _AT_LEAST_0,
     "hybrid.reconstruction_weight": _NON_NEGATIVE,
@@ -125,7 +129,8 @@ def _field(config: ml_collections.ConfigDict, name: str) -> Any:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Checks every numeric field of ``config`` against :data:`RULES`.
+    """Checks every field of :data:`RULES` in ``config``, then that a supervised objective has
+    labels to learn from.
 
     Raises:
       ValueError: the first field out of range, naming it, its value and the range.
@@ -134,3 +139,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         value = _field(config, name)
         if not check(value):
             raise ValueError(f"config field {name} = {value!r} is invalid: it must be {expected}.")
+    if config.objective == "supcon" and _known_unlabelled(config.dataset, config.train_split):
+        raise ValueError(
+            f"config field objective = 'supcon' is invalid with train_split = "
+            f"{config.train_split!r} of {config.dataset}: that split has no labels (all -1); "
+            "pretrain on a labelled split or use objective = 'nt_xent'."
+        )
+
+
+def _known_unlabelled(dataset: str, split: str) -> bool:
+    """Whether ``split`` of ``dataset`` is known, from its name alone, to hold no labels."""
+    return dataset == "stl10" and re.fullmatch(r"unlabelled(\[.*\])?", split) is not None

@@ -222,5 +222,6 @@ class Experiment:
             temperature=self.config.temperature,
             learning_rate_fn=self.learning_rate_fn,
             loss_block_size=self.config.loss_block_size,
+            objective=self.config.objective,
             hybrid=self.hybrid,
         )

@@ -1,10 +1,11 @@
-"""The SimCLR contrastive objective (NT-Xent) and the contrastive metrics logged with it.
+"""The contrastive losses (SimCLR's NT-Xent, supervised SupCon) and the metrics logged with them.
 
 Every function takes the projections ``z`` of a whole batch, shape ``[2N, d]``, with the two views
-of image ``k`` on rows ``2k`` and ``2k + 1``: the positive of row ``i`` is row ``i ^ 1``. All other
-rows are negatives. The functions are plain ``jnp`` code: called under ``jax.jit`` on a
-batch-sharded global array they see the global batch, so the negatives are global and the gradient
-is the one of a single-device computation (the compiler inserts the gathers).
+of image ``k`` on rows ``2k`` and ``2k + 1``: for NT-Xent the positive of row ``i`` is row
+``i ^ 1`` and all other rows are negatives; SupCon adds the rows of the same class as positives.
+The functions are plain ``jnp`` code: called under ``jax.jit`` on a batch-sharded global array
+they see the global batch, so the negatives are global and the gradient is the one of a
+single-device computation (the compiler inserts the gathers).
 
 The arithmetic is float32 whatever the input dtype (e.g. bfloat16 projections), with the
 similarity matmul at full float32 precision and a log-sum-exp for the normaliser.
@@ -19,6 +20,10 @@ import jax.numpy as jnp
 # Floor on the squared row norm before normalising, as ``tf.math.l2_normalize``: zero rows stay
 # zero (similarity 0 with everything) instead of producing NaN values or gradients.
 _SQUARED_NORM_EPS = 1e-12
+
+# The values of ``config.objective``: the contrastive loss :func:`contrastive_loss` computes.
+OBJECTIVES = ("nt_xent", "supcon")
+UNLABELLED = -1  # the label of a row without a class (e.g. STL-10's ``unlabelled`` split)
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -136,6 +141,85 @@ def nt_xent(z: jax.Array, temperature: float, block_size: int = 0) -> jax.Array:
     not_self = ~jnp.eye(num_rows, dtype=bool)
     log_normaliser = jax.nn.logsumexp(logits, axis=-1, where=not_self)
     return jnp.mean(log_normaliser - positive_logits)
+
+
+def _check_labels(labels: jax.Array, z: jax.Array) -> None:
+    """Raises ValueError, at trace time, unless ``labels`` is one integer per row of ``z``."""
+    if labels.shape != z.shape[:1] or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(
+            f"labels must be integers of shape [2N] = ({z.shape[0]},), one per row of z, got "
+            f"{labels.dtype} {labels.shape}."
+        )
+
+
+def _per_anchor_supcon(logits: jax.Array, rows: jax.Array, labels: jax.Array) -> jax.Array:
+    """``log sum_{a != i} exp(logits[i, a]) - mean_{p in P(i)} logits[i, p]`` per row of a block.
+
+    ``P(i)`` is row ``i ^ 1`` plus, when ``labels[i] >= 0``, every other row with that label.
+    Indices past the last row (padding) give finite values that the caller drops.
+    """
+    num_columns = logits.shape[1]
+    columns = jnp.arange(num_columns)[None, :]
+    anchor_labels = labels[jnp.minimum(rows, num_columns - 1)][:, None]
+    not_self = columns != rows[:, None]
+    same_class = (labels[None, :] == anchor_labels) & (anchor_labels != UNLABELLED)
+    positive = not_self & (same_class | (columns == (rows ^ 1)[:, None]))
+    log_normaliser = jax.nn.logsumexp(logits, axis=-1, where=not_self)
+    num_positives = jnp.maximum(jnp.sum(positive, axis=-1), 1)  # >= 1 except in padding
+    mean_positive_logit = jnp.sum(jnp.where(positive, logits, 0.0), axis=-1) / num_positives
+    return log_normaliser - mean_positive_logit
+
+
+def supcon(z: jax.Array, labels: jax.Array, temperature: float, block_size: int = 0) -> jax.Array:
+    """Supervised contrastive loss (Khosla et al., 2020, ``L_out``): the mean over all 2N anchors.
+
+    For anchor ``i`` with positives ``P(i)`` the loss is
+    ``-1/|P(i)| sum_{p in P(i)} log softmax_a(sim(i, a) / temperature)[p]``, the softmax running
+    over the 2N - 1 other rows of the (global) batch, ``sim`` the cosine similarity. ``P(i)`` is
+    every other row with anchor ``i``'s label, its other view included.
+
+    Rows labelled ``-1`` (:data:`UNLABELLED`) have one positive, their other view, and are never
+    another row's positive: an unlabelled anchor gets its NT-Xent term, and a batch without labels
+    gets exactly :func:`nt_xent`, as does a batch where every image has a class of its own
+    (NT-Xent is SupCon with one class per image). Both views of an image carry its label.
+
+    Args:
+      z: projections ``[2N, d]`` laid out as for :func:`nt_xent`; any float dtype.
+      labels: ``[2N]`` integers, the class of each row (``-1``: none).
+      temperature: the softmax temperature ``tau > 0``.
+      block_size: as for :func:`nt_xent`: 0 = the whole ``[2N, 2N]`` similarity matrix at once,
+        otherwise the same loss and gradients ``block_size`` anchors at a time.
+
+    Returns:
+      A float32 scalar.
+    """
+    _check_block_size(block_size)
+    _check_labels(labels, z)
+
+    def per_anchor(logits: jax.Array, rows: jax.Array) -> jax.Array:
+        return _per_anchor_supcon(logits, rows, labels)
+
+    if block_size:
+        return jnp.mean(_per_anchor_blocks(per_anchor, z, temperature, block_size))
+    logits = _similarity_logits(z, temperature)
+    return jnp.mean(per_anchor(logits, jnp.arange(logits.shape[0])))
+
+
+def contrastive_loss(
+    z: jax.Array,
+    labels: jax.Array,
+    temperature: float,
+    *,
+    objective: str = "nt_xent",
+    block_size: int = 0,
+) -> jax.Array:
+    """The loss ``objective`` names (one of :data:`OBJECTIVES`): :func:`nt_xent`, which ignores
+    ``labels``, or :func:`supcon`."""
+    if objective == "nt_xent":
+        return nt_xent(z, temperature, block_size)
+    if objective == "supcon":
+        return supcon(z, labels, temperature, block_size)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
 
 
 def _per_anchor_cross_view(logits: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -3,8 +3,9 @@
 A batch is ``{"views": [B, 2, H, W, C] float32, "label": [B] int32}``: each example's two
 augmented views side by side, so that a pair never straddles devices. The step flattens it to
 ``[2B, H, W, C]`` with the views of image ``k`` at rows ``2k`` and ``2k + 1`` (the layout
-:func:`simclr_jax.losses.nt_xent` expects), runs the model in training mode, and optimises
-NT-Xent on ``z`` plus the online probe's cross-entropy on ``stop_gradient(h)`` (plus, with a
+:func:`simclr_jax.losses.nt_xent` expects), runs the model in training mode, and optimises the
+contrastive loss on ``z`` (NT-Xent, or SupCon on the batch's labels: ``objective``) plus the
+online probe's cross-entropy on ``stop_gradient(h)`` (plus, with a
 :class:`simclr_jax.reconstruction.HybridObjective`, the reconstruction terms).
 
 ``loss_and_gradients`` and ``train_step`` are pure: they see the global batch and know nothing of
@@ -81,18 +82,21 @@ def loss_and_gradients(
     *,
     temperature: float,
     loss_block_size: int = 0,
+    objective: str = "nt_xent",
     hybrid: reconstruction.HybridObjective | None = None,
 ) -> tuple[tuple[jax.Array, dict[str, Any]], Any]:
     """``((loss, aux), grads)`` of the SimCLR objective at ``state.params`` on a (global) batch.
 
-    ``loss_block_size`` > 0 computes NT-Xent that many anchors at a time (same value and
-    gradients, memory ``O(block * 2B)`` instead of ``O((2B)^2)``; see :func:`losses.nt_xent`).
+    ``loss_block_size`` > 0 computes the contrastive loss that many anchors at a time (same value
+    and gradients, memory ``O(block * 2B)`` instead of ``O((2B)^2)``; see :func:`losses.nt_xent`).
 
-    The loss is the paper-scale NT-Xent on ``z`` plus the probe's cross-entropy; the probe sees
-    ``stop_gradient(h)``, so neither term changes the other's parameters. ``aux`` holds the
-    model outputs, the updated batch-norm statistics and the loss terms. With ``hybrid``, its
-    λ·MSE (+ β·KL) is added and its unweighted terms are in ``aux["hybrid_terms"]``; the model's
-    ``sample`` RNG stream gets a key derived from ``key``.
+    The loss is the paper-scale contrastive loss on ``z`` (``objective``: ``"nt_xent"``, or
+    ``"supcon"``, :func:`losses.supcon` with the batch's labels, both views of an example sharing
+    its label) plus the probe's cross-entropy; the probe sees ``stop_gradient(h)``, so neither
+    term changes the other's parameters. ``aux`` holds the model outputs, the updated batch-norm
+    statistics and the loss terms. With ``hybrid``, its λ·MSE (+ β·KL) is added and its
+    unweighted terms are in ``aux["hybrid_terms"]``; the model's ``sample`` RNG stream gets a key
+    derived from ``key``.
     """
     images = flatten_views(batch["views"])
     labels = jnp.repeat(batch["label"], 2)
@@ -105,7 +109,9 @@ def loss_and_gradients(
             mutable=["batch_stats"],
             rngs={"dropout": key, SAMPLE_RNG: jax.random.fold_in(key, _SAMPLE_KEY_FOLD)},
         )
-        contrastive_loss = losses.nt_xent(outputs["z"], temperature, loss_block_size)
+        contrastive_loss = losses.contrastive_loss(
+            outputs["z"], labels, temperature, objective=objective, block_size=loss_block_size
+        )
         probe_loss, probe_accuracy = probe_loss_and_accuracy(outputs["logits"], labels)
         loss = contrastive_loss + probe_loss
         hybrid_terms = {}
@@ -133,15 +139,24 @@ def train_step(
     temperature: float,
     learning_rate_fn: Callable[[jax.Array], jax.Array],
     loss_block_size: int = 0,
+    objective: str = "nt_xent",
     hybrid: reconstruction.HybridObjective | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimisation step on a (global) batch; returns the new state and scalar metrics.
 
     ``key`` feeds the model's ``dropout`` RNG stream (unused by the standard SimCLR model); derive
-    it per step, e.g. ``jax.random.fold_in(base_key, step)``.
+    it per step, e.g. ``jax.random.fold_in(base_key, step)``. Whatever the ``objective``, the
+    loss is logged as ``contrastive_loss`` and the contrastive metrics are NT-Xent's (each view's
+    other view against the other images').
     """
     (loss, aux), grads = loss_and_gradients(
-        state, batch, key, temperature=temperature, loss_block_size=loss_block_size, hybrid=hybrid
+        state,
+        batch,
+        key,
+        temperature=temperature,
+        loss_block_size=loss_block_size,
+        objective=objective,
+        hybrid=hybrid,
     )
     new_state = state.apply_gradients(grads=grads, batch_stats=aux["batch_stats"])
     metrics = {
@@ -164,6 +179,7 @@ def jit_train_step(
     temperature: float,
     learning_rate_fn: Callable[[jax.Array], jax.Array],
     loss_block_size: int = 0,
+    objective: str = "nt_xent",
     hybrid: reconstruction.HybridObjective | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """:func:`train_step` compiled for ``mesh``: state replicated and donated, batch sharded.
@@ -177,6 +193,7 @@ def jit_train_step(
         temperature=temperature,
         learning_rate_fn=learning_rate_fn,
         loss_block_size=loss_block_size,
+        objective=objective,
         hybrid=hybrid,
     )
     replicated = parallel.replicated(mesh)

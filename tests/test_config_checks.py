@@ -21,6 +21,8 @@ from simclr_jax.configs import tiny
         ("global_batch_size", 0),
         ("global_batch_size", -4),
         ("eval_batch_size", 0),
+        ("objective", "simclr"),
+        ("objective", "SupCon"),
         ("temperature", 0.0),
         ("temperature", math.nan),
         ("epochs", 0.0),
@@ -61,6 +63,21 @@ def test_a_value_out_of_range_is_one_line_naming_the_field_and_value(field, valu
     )
     assert f"= {value!r} is" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("split", ["unlabelled", "unlabelled[:10%]"])
+def test_supcon_on_an_unlabelled_split_is_one_line_naming_objective_and_split(split):
+    config = configs.load("stl10_resnet18")
+    config_checks.check_config(config)  # NT-Xent on the unlabelled split is the recipe
+    config.objective = "supcon"
+    config.train_split = split
+    with pytest.raises(ValueError) as error:
+        config_checks.check_config(config)
+    message = str(error.value)
+    assert message.startswith("config field objective = 'supcon' is invalid with train_split")
+    assert repr(split) in message and "\n" not in message
+    config.train_split = "train"  # labelled: accepted
+    config_checks.check_config(config)
 
 
 @pytest.mark.parametrize("name", configs.names())

@@ -52,6 +52,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.conv_impl = "auto"
 
     # --- Objective -------------------------------------------------------------------------
+    # The contrastive loss: "nt_xent" (SimCLR, self-supervised) or "supcon" (supervised
+    # contrastive, Khosla et al. 2020: every other view of the same class in the global batch is
+    # a positive). "supcon" needs labels in train_split: a row labelled -1 keeps only its other
+    # view as positive (NT-Xent for that anchor), so an all-unlabelled split would train plain
+    # NT-Xent; STL-10's "unlabelled" split is refused. Logged as contrastive_loss either way.
+    config.objective = "nt_xent"
     config.temperature = 0.1  # NT-Xent τ: 0.1 ImageNet, 0.5 CIFAR-10
     # > 0: NT-Xent and its metrics this many anchors at a time (same values; memory
     # block·2B·4 bytes instead of (2B)²·4 for the similarity matrix); 0 = the whole matrix at once.
