@@ -75,6 +75,8 @@ class StepSetup:
     channels: int = 3
     batch: int = 128
     stem: str = "cifar"
+    sk_ratio: float = 0.0
+    se_ratio: float = 0.0
     projection_layers: int = 2
     projection_dim: int = 128
     dtype: str = "float32"
@@ -106,6 +108,8 @@ def setup_from_config(
         channels=channels,
         batch=config.global_batch_size,
         stem=config.model.stem,
+        sk_ratio=config.model.sk_ratio,
+        se_ratio=config.model.se_ratio,
         projection_layers=config.model.projection_layers,
         projection_dim=config.model.projection_dim,
         dtype=config.model.dtype,
@@ -132,6 +136,8 @@ def _model(setup: StepSetup, layers: Layers) -> SimCLR:
         width_multiplier=setup.width_multiplier,
         base_width=setup.base_width,
         stem=setup.stem,
+        sk_ratio=setup.sk_ratio,
+        se_ratio=setup.se_ratio,
         num_classes=10,
         projection_layers=setup.projection_layers,
         projection_dim=setup.projection_dim,

@@ -78,6 +78,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.depth": (lambda v: v in DEPTHS, f"one of {', '.join(map(str, DEPTHS))}"),
     "model.width_multiplier": _POSITIVE,
     "model.base_width": _AT_LEAST_1,
+    "model.sk_ratio": (_non_negative, "a finite number of at least 0 (0 = off)"),
+    "model.se_ratio": (_non_negative, "a finite number of at least 0 (0 = off)"),
     "model.projection_layers": _AT_LEAST_1,
     "model.projection_dim": _AT_LEAST_1,
     "objective": (lambda v: v in OBJECTIVES, f"one of {', '.join(map(repr, OBJECTIVES))}"),

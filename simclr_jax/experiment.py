@@ -60,6 +60,8 @@ def build_model(
         width_multiplier=config.model.width_multiplier,
         base_width=config.model.base_width,
         stem=config.model.stem,
+        sk_ratio=config.model.sk_ratio,
+        se_ratio=config.model.se_ratio,
         num_classes=num_classes,
         projection_layers=config.model.projection_layers,
         projection_dim=config.model.projection_dim,
@@ -165,6 +167,9 @@ class Experiment:
         """What a checkpoint must share with this run to be restored into it (how convolutions
         are computed is not part of it: every ``conv_impl`` has the same parameters)."""
         model = {k: v for k, v in self.config.model.to_dict().items() if k != "conv_impl"}
+        for ratio in ("sk_ratio", "se_ratio"):  # recorded only when on, as the hybrid fields are:
+            if not model[ratio]:  # checkpoints written before these fields stay compatible
+                del model[ratio]
         compatibility = {
             **model,
             "image_shape": list(self.image_shape),

@@ -39,6 +39,8 @@ from simclr_jax.configs import tiny
         ("model.base_width", 0),
         ("model.width_multiplier", 0.0),
         ("model.projection_dim", 0),
+        ("model.sk_ratio", -0.0625),
+        ("model.se_ratio", math.nan),
         ("hybrid.reconstruction_weight", -1.0),
         ("log_every_steps", 0),
         ("checkpoint_every_steps", 0),

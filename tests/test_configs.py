@@ -1,13 +1,16 @@
 """Every shipped config loads by name and by path, and its model, augmentation and optimiser can
 be built; so does the repository's example of a user's own recipe."""
 
+import hashlib
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import traverse_util
 
-from simclr_jax import configs, experiment, optim
+from simclr_jax import benchmark, configs, experiment, optim, parallel
+from simclr_jax.data import pipeline
 
 EXAMPLE_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "my_recipe.py"
 
@@ -16,7 +19,7 @@ def test_every_recipe_is_listed():
     assert {"default", "fashion_mnist", "tiny", "cifar10_resnet18", "cifar10_resnet50"} <= set(
         configs.names()
     )
-    assert {"stl10_resnet18", "imagenet_resnet50"} <= set(configs.names())
+    assert {"stl10_resnet18", "imagenet_resnet50", "imagenet_resnet50_sk"} <= set(configs.names())
 
 
 @pytest.mark.parametrize("name", [*configs.names(), str(EXAMPLE_RECIPE)])
@@ -51,3 +54,59 @@ def test_unknown_config_and_a_file_without_get_config_are_one_clear_error(tmp_pa
     empty.write_text("X = 1\n")
     with pytest.raises(ValueError, match="has no get_config"):
         configs.load(str(empty))
+
+
+@pytest.mark.parametrize(
+    ("name", "image_shape", "digest"),
+    [
+        (
+            "default",
+            (224, 224, 3),
+            "e046f6dd5e537878ac048ca4271bdb45d7a43d5b52e98e8104380b4341db2ad3",
+        ),
+        ("tiny", (28, 28, 1), "3b3b4d3fee885e2bcb6699beb98cb0a92f931d87afbddcda9481ce671abc0130"),
+    ],
+    ids=["default", "tiny"],
+)
+def test_configs_without_sk_or_se_build_the_variables_they_always_had(name, image_shape, digest):
+    """``model.sk_ratio = model.se_ratio = 0`` (the default) adds nothing: every variable's path
+    and shape hash to what the model gave before these fields existed (computed then), so
+    existing checkpoints still restore."""
+    config = configs.load(name)
+    assert config.model.sk_ratio == config.model.se_ratio == 0.0
+    model = experiment.build_model(config, num_classes=10)
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((2, *image_shape)), train=False)
+    )
+    text = "\n".join(
+        f"{'/'.join(path)}:{tuple(leaf.shape)}"
+        for path, leaf in sorted(traverse_util.flatten_dict(variables).items())
+    )
+    assert hashlib.sha256(text.encode()).hexdigest() == digest
+
+
+def test_the_sk_recipe_builds_simclrv2s_encoder():
+    config = configs.load("imagenet_resnet50_sk")
+    assert (config.model.sk_ratio, config.model.se_ratio) == (0.0625, 0.0)
+    assert config.model.projection_layers == 3
+    model = experiment.build_model(config, num_classes=10)
+    assert (model.encoder.sk_ratio, model.encoder.se_ratio) == (0.0625, 0.0)
+    info = pipeline.DatasetInfo("imagenet2012", 1_281_167, 1000, (None, None, 3))
+    setup = benchmark.setup_from_config(config, info)  # the benchmark times the SK network too
+    assert (setup.sk_ratio, setup.se_ratio) == (0.0625, 0.0)
+
+
+def test_checkpoints_record_sk_and_se_only_when_on():
+    """A checkpoint must match the run's ``compatibility()``; the ratios enter it only when on,
+    so checkpoints written before these fields existed still restore."""
+    info = pipeline.DatasetInfo("imagenet2012", 1_281_167, 1000, (None, None, 3))
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    compatibility = {}
+    for name in ("imagenet_resnet50", "imagenet_resnet50_sk"):
+        config = configs.load(name)
+        config.model.conv_impl = "xla"
+        compatibility[name] = experiment.Experiment(config, mesh, dataset_info=info).compatibility()
+    assert "sk_ratio" not in compatibility["imagenet_resnet50"]
+    assert "se_ratio" not in compatibility["imagenet_resnet50"]
+    assert compatibility["imagenet_resnet50_sk"]["sk_ratio"] == 0.0625
+    assert "se_ratio" not in compatibility["imagenet_resnet50_sk"]

@@ -6,6 +6,7 @@ uses `jax.eval_shape`.
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -13,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conv_cases import skip_without_extension
 from flax import traverse_util
 from jax import lax
 
+from simclr_jax import cpu, parallel
 from simclr_jax.models import (
     XLA_LAYERS,
     Layers,
@@ -26,7 +29,14 @@ from simclr_jax.models import (
     resnet_feature_dim,
     simclr_resnet,
 )
-from simclr_jax.models.batch_norm import batch_norm_train
+from simclr_jax.models.batch_norm import BatchNorm, batch_norm_train
+from simclr_jax.models.resnet import (
+    BasicBlock,
+    BottleneckBlock,
+    SelectiveKernel,
+    SqueezeExcite,
+    _conv,
+)
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -510,3 +520,272 @@ def test_projection_head_keep_layers_stops_after_the_hidden_layers():
     )
     with pytest.raises(ValueError, match="keep_layers"):
         ProjectionHead(num_layers=2, keep_layers=2)
+
+
+# ----------------------------------------------------------------------------- SimCLRv2: SK and SE
+
+SK = 0.0625  # the ratio of SimCLRv2's models (the official code's recommended `sk_ratio`)
+
+
+def _shapes(module, image_size: int, channels: int = 3):
+    """(h, variables, intermediates) of ``module.init`` on zeros, as shapes only."""
+    x = jnp.zeros((2, image_size, image_size, channels))
+    h, variables = jax.eval_shape(
+        lambda: module.init_with_output(
+            jax.random.key(0), x, train=False, capture_intermediates=True
+        )
+    )
+    return h, variables, variables.pop("intermediates")
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.parametrize(("sk_ratio", "se_ratio"), [(SK, 0.0), (0.0, SK), (SK, SK)])
+def test_sk_and_se_output_shapes_and_modules(depth, sk_ratio, se_ratio):
+    model = ResNet(depth=depth, base_width=8, sk_ratio=sk_ratio, se_ratio=se_ratio)
+    h, variables, intermediates = _shapes(model, 64)  # 64 -> 32 -> pool 16 -> 16, 8, 4, 2
+    assert h.shape == (2, resnet_feature_dim(depth, base_width=8))
+    last_block = "group4_block2" if depth == 18 else "group4_block3"
+    (last_map,) = intermediates[last_block]["__call__"]
+    assert last_map.shape == (2, 2, 2, h.shape[-1])
+    params = variables["params"]
+    # SK: the three-conv stem (ResNet-D) whatever the depth; SK units in bottleneck blocks only.
+    stem = sorted(name for name in params if name.startswith("stem_"))
+    assert stem == (
+        ["stem_bn1", "stem_bn2", "stem_bn3", "stem_conv1", "stem_conv2", "stem_conv3"]
+        if sk_ratio
+        else ["stem_bn", "stem_conv"]
+    )
+    blocks = [params[name] for name in params if "_block" in name]
+    assert all(("sk" in block) == (sk_ratio > 0 and depth == 50) for block in blocks)
+    assert all(("se" in block) == (se_ratio > 0) for block in blocks)
+
+
+def test_sk_and_se_parameter_shapes():
+    """Widths of SK and SE in a bottleneck block of inner width f = 64, as in the official code:
+    SK reduces to max(int(f * sk_ratio), 32), SE to max(1, int(f * se_ratio)) (f, not 4f)."""
+    _, variables, _ = _shapes(ResNet(depth=50, sk_ratio=SK, se_ratio=SK), 64)
+    params = variables["params"]
+    shapes = {
+        "/".join(path): leaf.shape for path, leaf in traverse_util.flatten_dict(params).items()
+    }
+    assert shapes["stem_conv1/kernel"] == (3, 3, 3, 32)
+    assert shapes["stem_conv2/kernel"] == (3, 3, 32, 32)
+    assert shapes["stem_conv3/kernel"] == (3, 3, 32, 64)
+    block = {k.split("/", 1)[1]: v for k, v in shapes.items() if k.startswith("group1_block1/")}
+    assert block == {
+        "shortcut_conv/kernel": (1, 1, 64, 256),
+        "shortcut_bn/scale": (256,),
+        "shortcut_bn/bias": (256,),
+        "conv1/kernel": (1, 1, 64, 64),
+        "bn1/scale": (64,),
+        "bn1/bias": (64,),
+        "sk/conv/kernel": (3, 3, 64, 128),  # both 3x3 paths in one convolution
+        "sk/bn/scale": (128,),
+        "sk/bn/bias": (128,),
+        "sk/reduce_conv/kernel": (1, 1, 64, 32),  # int(64 * 0.0625) = 4 < min_dim 32
+        "sk/reduce_bn/scale": (32,),
+        "sk/reduce_bn/bias": (32,),
+        "sk/expand_conv/kernel": (1, 1, 32, 128),
+        "conv3/kernel": (1, 1, 64, 256),
+        "bn3/scale": (256,),
+        "bn3/bias": (256,),
+        "se/reduce_conv/kernel": (1, 1, 256, 4),  # int(64 * 0.0625) = 4
+        "se/reduce_conv/bias": (4,),
+        "se/expand_conv/kernel": (1, 1, 4, 256),
+        "se/expand_conv/bias": (256,),
+    }
+    assert shapes["group4_block1/sk/reduce_conv/kernel"] == (1, 1, 512, 32)  # int(512/16) = 32
+
+
+@pytest.mark.parametrize(
+    ("depth", "width", "exact", "millions"),
+    [
+        (50, 1, 23_508_032, 24),
+        (50, 1, 35_215_584, 35),
+        (50, 2, 140_306_048, 140),
+        (101, 1, 64_662_304, 65),
+        (152, 1, 88_940_896, 89),
+    ],
+    ids=["r50_1x", "r50_1x_sk", "r50_2x_sk", "r101_1x_sk", "r152_1x_sk"],
+)
+def test_simclrv2_parameter_counts_match_the_official_table(depth, width, exact, millions):
+    """The official SimCLRv2 README (github.com/google-research/simclr, "Pre-trained models for
+    SimCLRv2", the SimCLRv2 paper's Table 1) gives the encoder's parameters in millions only:
+    ResNet-50 1x 24M without SK and 35M with SK; ResNet-50 2x SK 140M; ResNet-101 1x SK 65M;
+    ResNet-152 1x SK 89M. They count the encoder alone (no projection head, no classifier): the
+    counts pinned here are this model's exact encoder parameters, and each rounds to the table's
+    figure. The r50_1x row is the plain ResNet-50 (sk_ratio 0)."""
+    sk_ratio = 0.0 if (depth, exact) == (50, 23_508_032) else SK
+    count = _param_count(ResNet(depth=depth, width_multiplier=width, sk_ratio=sk_ratio))
+    assert count == exact
+    assert round(count / 1e6) == millions
+
+
+def test_ratios_default_to_off_and_negative_ratios_are_refused():
+    # With both ratios 0 the model is the plain ResNet (tests/test_configs.py pins its tree).
+    assert ResNet(depth=50, sk_ratio=0.0, se_ratio=0.0) == ResNet(depth=50)
+    for name in ("sk_ratio", "se_ratio"):
+        for bad in (-0.0625, math.nan, math.inf):
+            with pytest.raises(ValueError, match=rf"^{name} must be .* got {bad!r}\.$"):
+                ResNet(**{name: bad})
+
+
+def _eval_bn(x, variables, name):
+    return _numpy_bn(
+        x,
+        variables["batch_stats"][name]["mean"],
+        variables["batch_stats"][name]["var"],
+        variables["params"][name]["scale"],
+        variables["params"][name]["bias"],
+    )
+
+
+def test_selective_kernel_and_squeeze_excite_match_numpy():
+    """The SK unit and SE, in eval mode with random statistics, against their formulas."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(3, 5, 5, 4)).astype(np.float32)
+    conv = functools.partial(
+        _conv, dtype=jnp.float32, conv_general_dilated=lax.conv_general_dilated
+    )
+    norm = functools.partial(BatchNorm, use_running_average=True)
+    sk = SelectiveKernel(filters=3, strides=2, sk_ratio=1.0, conv=conv, norm=norm, min_dim=2)
+    variables = sk.init(INIT_KEY, x)
+    # Random BN statistics, scales and biases (1-D leaves); the kernels stay as initialised.
+    variables = jax.tree.map(
+        lambda v: v + rng.uniform(0.5, 1.5, v.shape).astype(v.dtype) if v.ndim == 1 else v,
+        variables,
+    )
+    p = variables["params"]
+    y = np.maximum(
+        _eval_bn(_numpy_conv(x, np.asarray(p["conv"]["kernel"]), 2, 1), variables, "bn"), 0
+    )
+    a, b = y[..., :3], y[..., 3:]
+    pooled = (a + b).mean(axis=(1, 2), keepdims=True)
+    hidden = np.maximum(
+        _eval_bn(pooled @ p["reduce_conv"]["kernel"][0, 0], variables, "reduce_bn"), 0
+    )
+    assert p["reduce_conv"]["kernel"].shape[-1] == 3  # max(int(3 * 1.0), 2)
+    logits = hidden @ p["expand_conv"]["kernel"][0, 0]
+    weights = np.exp(np.stack([logits[..., :3], logits[..., 3:]]))
+    weight_a = weights[0] / weights.sum(axis=0)  # softmax over the two paths, channel by channel
+    assert weight_a.min() > 0.01 and weight_a.max() < 0.99  # both paths matter
+    expected = weight_a * a + (1 - weight_a) * b
+    np.testing.assert_allclose(sk.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+
+    se = SqueezeExcite(hidden=2, conv=conv)
+    se_params = se.init(INIT_KEY, x)["params"]
+    squeezed = np.maximum(
+        x.mean(axis=(1, 2), keepdims=True) @ se_params["reduce_conv"]["kernel"][0, 0]
+        + se_params["reduce_conv"]["bias"],
+        0,
+    )
+    gate = 1 / (
+        1
+        + np.exp(
+            -(
+                squeezed @ se_params["expand_conv"]["kernel"][0, 0]
+                + se_params["expand_conv"]["bias"]
+            )
+        )
+    )
+    np.testing.assert_allclose(se.apply({"params": se_params}, x), x * gate, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("size", "stride"), [(5, 2), (4, 2), (4, 1)])
+def test_resnet_d_shortcut_average_pools_like_the_official_code(size, stride):
+    """With SK, a projection shortcut averages 2x2 windows before its 1x1 convolution: at stride 2
+    over the input with a zero row and column appended (counted in the average, as the official
+    fixed padding + VALID pooling does); at stride 1 with TF's "SAME" (padding left out)."""
+    x = np.random.default_rng(1).uniform(size=(2, size, size, 3)).astype(np.float32)
+    block = BasicBlock(
+        filters=3,
+        strides=stride,
+        project_shortcut=True,
+        conv=functools.partial(
+            _conv, dtype=jnp.float32, conv_general_dilated=lax.conv_general_dilated
+        ),
+        norm=functools.partial(BatchNorm, use_running_average=True),
+        sk_ratio=SK,
+    )
+    variables = block.init(INIT_KEY, x)
+    _, state = block.apply(variables, x, capture_intermediates=True)
+    padded = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    windows = padded[:, :-1, :-1] + padded[:, 1:, :-1] + padded[:, :-1, 1:] + padded[:, 1:, 1:]
+    if stride == 2:
+        pooled = windows[:, ::2, ::2] / 4
+    else:
+        ones = np.pad(np.ones((size, size)), ((0, 1), (0, 1)))
+        counts = ones[:-1, :-1] + ones[1:, :-1] + ones[:-1, 1:] + ones[1:, 1:]
+        pooled = windows / counts[None, :, :, None]
+    kernel = np.asarray(variables["params"]["shortcut_conv"]["kernel"][0, 0])
+    expected = _eval_bn(pooled @ kernel, variables, "shortcut_bn")
+    (out,) = state["intermediates"]["shortcut_bn"]["__call__"]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def _sk_se_block_train(layers, mesh):
+    """Output, BN statistics and parameter gradients of an SK + SE bottleneck block with a
+    ResNet-D projection shortcut, in train mode, with the batch sharded over ``mesh``.
+
+    One block rather than a whole SK ResNet-50: it holds every new layer (the SK unit with its
+    batch norm over pooled [B, 1, 1, C] features, SE, the average-pooled shortcut) and compiles
+    in seconds on CPU, where two compilations of the whole network's gradient take minutes.
+    """
+    conv = functools.partial(
+        _conv, dtype=jnp.float32, conv_general_dilated=layers.conv_general_dilated
+    )
+    block = BottleneckBlock(
+        filters=4,
+        strides=2,
+        project_shortcut=True,
+        conv=conv,
+        norm=functools.partial(
+            BatchNorm, use_running_average=False, train_fn=layers.batch_norm_train
+        ),
+        sk_ratio=SK,
+        se_ratio=0.5,
+    )
+    x = jax.random.uniform(jax.random.key(0), (8, 7, 7, 8))
+    variables = jax.jit(block.init)(INIT_KEY, x)  # eager, each of its small ops would compile
+
+    def loss(params, x):
+        y, updates = block.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"]
+        )
+        return jnp.sum(jnp.sin(y)), (y, updates["batch_stats"])
+
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True), out_shardings=parallel.replicated(mesh))
+    x = jax.device_put(x, parallel.batch_sharded(mesh))
+    params = jax.device_put(variables["params"], parallel.replicated(mesh))
+    (_, (y, stats)), grads = fn(params, x)
+    return jax.device_get((y, stats, grads))
+
+
+def _assert_trees_close(a, b):
+    """Leaf by leaf, equal within float32 rounding of sums in another order (relative to each
+    leaf's largest value)."""
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(
+            u, v, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(v).max()))
+        ),
+        a,
+        b,
+    )
+
+
+def test_sk_se_block_sharded_over_eight_devices_equals_one_device():
+    """SK's and SE's pooled features and the SK unit's batch norms see the global batch when it
+    is sharded: eight fake CPU devices give one device's numbers, forward and backward."""
+    eight = _sk_se_block_train(XLA_LAYERS, parallel.data_mesh())
+    one = _sk_se_block_train(XLA_LAYERS, parallel.data_mesh(jax.devices()[:1]))
+    _assert_trees_close(eight, one)
+
+
+def test_sk_se_block_with_the_cpu_kernels_equals_xla():
+    """The CPU kernels (oneDNN convolutions, fused batch norm) also compute SK's and SE's 1x1
+    convolutions and batch norms over 1x1 maps, with XLA's numbers."""
+    skip_without_extension()
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    _assert_trees_close(
+        _sk_se_block_train(cpu.ONEDNN_LAYERS, mesh), _sk_se_block_train(XLA_LAYERS, mesh)
+    )

@@ -42,6 +42,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.width_multiplier = 1.0
     config.model.base_width = 64  # channels of the first group before the multiplier
     config.model.stem = "imagenet"  # "imagenet" (7x7/2 + max-pool) or "cifar" (3x3/1)
+    # SimCLRv2's architecture options, as in its official code (README "SK and SE"):
+    # > 0: selective kernels in bottleneck blocks, plus the ResNet-D stem (imagenet stem only)
+    # and average-pooled projection shortcuts. 0 = off; SimCLRv2's models use 0.0625.
+    config.model.sk_ratio = 0.0
+    # > 0: squeeze-and-excitation at the end of every residual branch, max(1, int(width·ratio))
+    # hidden channels. 0 = off; SimCLRv2's published models (its README's table) vary SK only.
+    config.model.se_ratio = 0.0
     config.model.projection_layers = 2  # 2 = SimCLR v1, 3 = v2
     config.model.projection_dim = 128
     config.model.dtype = "float32"  # computation dtype of convolutions and dense layers

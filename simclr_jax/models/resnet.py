@@ -18,12 +18,27 @@ The architecture follows the official SimCLR TF2 ResNet:
 The network receives its kernels (`layers.Layers`: the convolution and batch-norm functions) and
 never chooses them itself.
 
+SimCLRv2's options, as in the official TF2 code (`sk_ratio`, `se_ratio`; 0 turns each off):
+
+- selective kernels (`sk_ratio` > 0): the 3x3 convolution (with its BN and ReLU) of every
+  bottleneck block becomes a `SelectiveKernel` unit; and, in every depth, the ResNet-D changes
+  that the official code switches on with it: the "imagenet" stem becomes three 3x3 convolutions
+  (width/2 stride 2, width/2, width; each with BN and ReLU) before the max-pool, and a projection
+  shortcut average-pools by 2x2 (with the block's stride) before an unstrided 1x1 convolution.
+  Basic blocks (ResNet-18/34) keep their 3x3 convolutions, as in the official code;
+- squeeze-and-excitation (`se_ratio` > 0): every residual branch ends with `SqueezeExcite` after
+  its last BN, before the residual add, with max(1, int(filters * se_ratio)) hidden channels
+  (`filters` is the block's inner width, not its 4x output width in a bottleneck).
+
+Both only add modules: with both ratios at 0 the parameters are exactly those of the plain ResNet.
+
 Batch norm is computed over the whole array it is given (`axis_name=None`). Under `jax.jit` with a
 batch-sharded global array this is the global batch, which is what SimCLR needs; no collectives
 are written here.
 """
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -91,8 +106,9 @@ def _conv(
     dtype: Any,
     conv_general_dilated: Callable[..., Any],
     name: str,
+    use_bias: bool = False,
 ) -> nn.Conv:
-    """A bias-free square convolution with the official symmetric (k-1)/2 padding."""
+    """A square convolution with the official symmetric (k-1)/2 padding, bias-free by default."""
     pad_before = (kernel_size - 1) // 2
     padding = (pad_before, kernel_size - 1 - pad_before)
     return nn.Conv(
@@ -100,7 +116,7 @@ def _conv(
         (kernel_size, kernel_size),
         strides=(strides, strides),
         padding=(padding, padding),
-        use_bias=False,
+        use_bias=use_bias,
         kernel_init=_CONV_INIT,
         dtype=dtype,
         conv_general_dilated=conv_general_dilated,
@@ -108,11 +124,97 @@ def _conv(
     )
 
 
+def _check_ratio(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number of at least 0 (0 = off), got {value!r}.")
+
+
+class SelectiveKernel(nn.Module):
+    """Selective-kernel convolution (Li et al. 2019, arXiv:1903.06586) as in SimCLRv2's code.
+
+    One 3x3 convolution (stride `strides`) gives two paths of `filters` channels each (both
+    3x3, undilated: the official code splits one convolution of 2x`filters` channels), then BN
+    and ReLU. The paths' sum is averaged over space and mixed by a 1x1 convolution down to
+    max(int(filters * sk_ratio), min_dim) channels, BN and ReLU, and a 1x1 convolution up to
+    2x`filters`; a softmax over the two paths, channel by channel, weights their sum.
+    Convolutions have no bias. `conv` and `norm` are as in `BasicBlock`.
+    """
+
+    filters: int
+    strides: int
+    sk_ratio: float
+    conv: Callable[..., nn.Module]
+    norm: Callable[..., nn.Module]
+    min_dim: int = 32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        y = self.conv(2 * self.filters, 3, self.strides, name="conv")(x)
+        y = self.norm(name="bn")(y, relu=True)
+        paths = jnp.stack(jnp.split(y, 2, axis=-1))  # [2, B, H, W, filters]
+        pooled = jnp.mean(paths.sum(axis=0), axis=(1, 2), keepdims=True)
+        hidden = max(int(self.filters * self.sk_ratio), self.min_dim)
+        mix = self.conv(hidden, 1, 1, name="reduce_conv")(pooled)
+        mix = self.norm(name="reduce_bn")(mix, relu=True)
+        mix = self.conv(2 * self.filters, 1, 1, name="expand_conv")(mix)
+        weights = nn.softmax(jnp.stack(jnp.split(mix.astype(jnp.float32), 2, axis=-1)), axis=0)
+        return jnp.sum(paths * weights.astype(paths.dtype), axis=0)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018, arXiv:1709.01507) as in SimCLRv2's code.
+
+    The spatial mean of `x` goes through a 1x1 convolution (with bias) down to `hidden`
+    channels, a ReLU, a 1x1 convolution (with bias) back to the channels of `x` and a sigmoid,
+    which scales `x` channel by channel. `conv` is as in `BasicBlock`.
+    """
+
+    hidden: int
+    conv: Callable[..., nn.Module]
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        squeezed = jnp.mean(x, axis=(1, 2), keepdims=True)
+        squeezed = nn.relu(
+            self.conv(self.hidden, 1, 1, use_bias=True, name="reduce_conv")(squeezed)
+        )
+        excitation = self.conv(x.shape[-1], 1, 1, use_bias=True, name="expand_conv")(squeezed)
+        return x * nn.sigmoid(excitation.astype(jnp.float32)).astype(x.dtype)
+
+
+def _shortcut(x, features: int, strides: int, resnet_d: bool, conv, norm) -> jnp.ndarray:
+    """The projection shortcut: a strided 1x1 convolution and BN, or with `resnet_d` (the official
+    code's choice whenever SK is on) a 2x2 average pool with the block's stride, then an
+    unstrided 1x1 convolution and BN."""
+    if resnet_d:
+        if strides > 1:  # zeros after the last row and column, counted in the average
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+            x = nn.avg_pool(x, (2, 2), strides=(strides, strides), padding="VALID")
+        else:  # "SAME": the padded row and column are left out of the average
+            x = nn.avg_pool(
+                x, (2, 2), strides=(1, 1), padding=((0, 1), (0, 1)), count_include_pad=False
+            )
+        strides = 1
+    x = conv(features, 1, strides, name="shortcut_conv")(x)
+    return norm(name="shortcut_bn")(x)
+
+
+def _residual_end(y, shortcut, se_ratio: float, filters: int, conv, norm, name: str):
+    """The branch's last BN (scale 0 at init), SE if `se_ratio` > 0, the residual add and ReLU."""
+    last_bn = norm(scale_init=nn.initializers.zeros, name=name)
+    if se_ratio <= 0:
+        return last_bn(y, residual=shortcut, relu=True)
+    y = SqueezeExcite(max(1, int(filters * se_ratio)), conv, name="se")(last_bn(y))
+    return nn.relu(y + shortcut)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions (ResNet-18/34); output width `filters`.
 
     `conv(features, kernel_size, strides, name=...)` and `norm(name=..., **overrides)` build the
-    layers, so every block of a network shares one dtype and one BN configuration.
+    layers, so every block of a network shares one dtype and one BN configuration. `sk_ratio` > 0
+    only changes the projection shortcut (ResNet-D, as in the official code); `se_ratio` > 0 adds
+    `SqueezeExcite` (module `se`) before the residual add.
     """
 
     filters: int
@@ -120,25 +222,28 @@ class BasicBlock(nn.Module):
     project_shortcut: bool
     conv: Callable[..., nn.Module]
     norm: Callable[..., nn.Module]
+    sk_ratio: float = 0.0
+    se_ratio: float = 0.0
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         shortcut = x
         if self.project_shortcut:
-            shortcut = self.conv(self.filters, 1, self.strides, name="shortcut_conv")(x)
-            shortcut = self.norm(name="shortcut_bn")(shortcut)
+            shortcut = _shortcut(
+                x, self.filters, self.strides, self.sk_ratio > 0, self.conv, self.norm
+            )
         y = self.conv(self.filters, 3, self.strides, name="conv1")(x)
         y = self.norm(name="bn1")(y, relu=True)
         y = self.conv(self.filters, 3, 1, name="conv2")(y)
-        return self.norm(scale_init=nn.initializers.zeros, name="bn2")(
-            y, residual=shortcut, relu=True
-        )
+        return _residual_end(y, shortcut, self.se_ratio, self.filters, self.conv, self.norm, "bn2")
 
 
 class BottleneckBlock(nn.Module):
     """1x1 reduce, 3x3 (strided), 1x1 expand (ResNet-50 and deeper); output width 4*`filters`.
 
-    `conv` and `norm` are as in `BasicBlock`.
+    `conv` and `norm` are as in `BasicBlock`. `sk_ratio` > 0 replaces `conv2` and `bn2` by a
+    `SelectiveKernel` unit (module `sk`) and gives the projection shortcut its ResNet-D form;
+    `se_ratio` > 0 adds `SqueezeExcite` (module `se`) before the residual add.
     """
 
     filters: int
@@ -146,22 +251,28 @@ class BottleneckBlock(nn.Module):
     project_shortcut: bool
     conv: Callable[..., nn.Module]
     norm: Callable[..., nn.Module]
+    sk_ratio: float = 0.0
+    se_ratio: float = 0.0
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         out_features = _BOTTLENECK_EXPANSION * self.filters
         shortcut = x
         if self.project_shortcut:
-            shortcut = self.conv(out_features, 1, self.strides, name="shortcut_conv")(x)
-            shortcut = self.norm(name="shortcut_bn")(shortcut)
+            shortcut = _shortcut(
+                x, out_features, self.strides, self.sk_ratio > 0, self.conv, self.norm
+            )
         y = self.conv(self.filters, 1, 1, name="conv1")(x)
         y = self.norm(name="bn1")(y, relu=True)
-        y = self.conv(self.filters, 3, self.strides, name="conv2")(y)
-        y = self.norm(name="bn2")(y, relu=True)
+        if self.sk_ratio > 0:
+            y = SelectiveKernel(
+                self.filters, self.strides, self.sk_ratio, self.conv, self.norm, name="sk"
+            )(y)
+        else:
+            y = self.conv(self.filters, 3, self.strides, name="conv2")(y)
+            y = self.norm(name="bn2")(y, relu=True)
         y = self.conv(out_features, 1, 1, name="conv3")(y)
-        return self.norm(scale_init=nn.initializers.zeros, name="bn3")(
-            y, residual=shortcut, relu=True
-        )
+        return _residual_end(y, shortcut, self.se_ratio, self.filters, self.conv, self.norm, "bn3")
 
 
 class ResNet(nn.Module):
@@ -175,6 +286,9 @@ class ResNet(nn.Module):
         bottleneck blocks. Small values give cheap models for tests.
       stem: "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or "cifar" (3x3/1 conv, BN, ReLU,
         no pooling; for images of 32 pixels or fewer).
+      sk_ratio: > 0 turns on SimCLRv2's selective kernels (SimCLRv2's models use 0.0625); see
+        the module docstring for everything it changes. 0 = off.
+      se_ratio: > 0 adds squeeze-and-excitation to every block. 0 = off.
       bn_momentum: BN moving-average decay.
       bn_epsilon: BN variance epsilon.
       dtype: computation dtype of convolutions and BN (e.g. jnp.bfloat16); parameters and BN
@@ -183,15 +297,18 @@ class ResNet(nn.Module):
         right on every platform; `simclr_jax.kernels.for_mesh` picks faster ones for a mesh).
         Every choice has the same parameters and, within float32 rounding, the same numbers.
 
-    Parameters live under `stem_conv`, `stem_bn` and `group{g}_block{b}` (1-based); inside a
-    block: `conv1`, `bn1`, ... and `shortcut_conv`, `shortcut_bn`. Every BN scale/bias is 1-D
-    (`scale`, `bias`); every convolution `kernel` is 4-D.
+    Parameters live under `stem_conv`, `stem_bn` (with SK and the imagenet stem: `stem_conv1`,
+    `stem_bn1`, ... `stem_bn3`) and `group{g}_block{b}` (1-based); inside a block: `conv1`,
+    `bn1`, ... and `shortcut_conv`, `shortcut_bn`, and `sk` and `se` when on. Every BN
+    scale/bias is 1-D (`scale`, `bias`); every convolution `kernel` is 4-D.
     """
 
     depth: int = 50
     width_multiplier: float = 1.0
     base_width: int = 64
     stem: str = "imagenet"
+    sk_ratio: float = 0.0
+    se_ratio: float = 0.0
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
@@ -202,6 +319,8 @@ class ResNet(nn.Module):
         _base_group_width(self.base_width, self.width_multiplier)
         if self.stem not in _STEMS:
             raise ValueError(f"Unknown stem {self.stem!r}; valid stems: {list(_STEMS)}.")
+        _check_ratio("sk_ratio", self.sk_ratio)
+        _check_ratio("se_ratio", self.se_ratio)
         super().__post_init__()
 
     @nn.compact
@@ -220,7 +339,13 @@ class ResNet(nn.Module):
             train_fn=self.layers.batch_norm_train,
         )
 
-        if self.stem == "imagenet":
+        if self.stem == "imagenet" and self.sk_ratio > 0:  # ResNet-D's stem, as the official code
+            half = max(1, width // 2)
+            for i, (features, strides) in enumerate(((half, 2), (half, 1), (width, 1)), start=1):
+                x = conv(features, 3, strides, name=f"stem_conv{i}")(x)
+                x = norm(name=f"stem_bn{i}")(x, relu=True)
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        elif self.stem == "imagenet":
             x = conv(width, 7, 2, name="stem_conv")(x)
             x = norm(name="stem_bn")(x, relu=True)
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
@@ -240,6 +365,8 @@ class ResNet(nn.Module):
                     project_shortcut=first,
                     conv=conv,
                     norm=norm,
+                    sk_ratio=self.sk_ratio,
+                    se_ratio=self.se_ratio,
                     name=f"group{group}_block{block}",
                 )(x)
 

@@ -58,11 +58,14 @@ def simclr_resnet(
     projection_layers: int = 2,
     projection_dim: int = 128,
     base_width: int = 64,
+    sk_ratio: float = 0.0,
+    se_ratio: float = 0.0,
     dtype: Any = jnp.float32,
     layers: Layers = XLA_LAYERS,
     reconstruction_head: nn.Module | None = None,
 ) -> SimCLR:
-    """SimCLR with a `ResNet` encoder (computing with `layers`) and the official `ProjectionHead`
+    """SimCLR with a `ResNet` encoder (computing with `layers`; `sk_ratio` and `se_ratio` > 0 turn
+    on SimCLRv2's selective kernels and squeeze-and-excitation) and the official `ProjectionHead`
     (hidden width = d)."""
     return SimCLR(
         encoder=ResNet(
@@ -70,6 +73,8 @@ def simclr_resnet(
             width_multiplier=width_multiplier,
             base_width=base_width,
             stem=stem,
+            sk_ratio=sk_ratio,
+            se_ratio=se_ratio,
             dtype=dtype,
             layers=layers,
         ),
