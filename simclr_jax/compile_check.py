@@ -43,7 +43,7 @@ import ml_collections
 from absl import logging as absl_logging
 from jax.experimental import topologies
 
-from simclr_jax import cli, configs, parallel, step
+from simclr_jax import cli, config_checks, configs, parallel, step
 
 if TYPE_CHECKING:  # both import TensorFlow (metadata only): the command imports them late
     from simclr_jax.data import pipeline
@@ -192,6 +192,11 @@ def abstract_train_arguments(experiment: Experiment) -> tuple[Any, Any, jax.Shap
         ),
         "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharded),
     }
+    num_small = experiment.config.augment.num_small_crops
+    if num_small:  # multi-crop's small views, as the pipeline adds them
+        side = config_checks.small_crop_size(experiment.config, experiment.image_size)
+        shape = (batch_size, num_small, side, side, experiment.image_shape[-1])
+        batch["small_views"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharded)
     key = jax.eval_shape(lambda: jax.random.key(0))
     return state, batch, jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
 

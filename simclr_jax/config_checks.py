@@ -75,6 +75,15 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "augment.grayscale_prob": _PROBABILITY,
     "augment.blur_prob": _PROBABILITY,
     "augment.rotation_degrees": (lambda v: _number(v) and 0 <= v <= 180, "in [0, 180]"),
+    "augment.num_small_crops": _AT_LEAST_0,
+    "augment.small_crop_size": (
+        lambda v: _integer(v) and (v == 0 or v >= MIN_IMAGE_SIZE),
+        f"0 (derived from the view size) or an integer of at least {MIN_IMAGE_SIZE}",
+    ),
+    "augment.small_crop_area": (
+        lambda v: _each(_fraction)(v) and len(v) == 2 and v[0] <= v[1],
+        "(low, high) area fractions with 0 < low <= high <= 1",
+    ),
     "model.depth": (lambda v: v in DEPTHS, f"one of {', '.join(map(str, DEPTHS))}"),
     "model.width_multiplier": _POSITIVE,
     "model.base_width": _AT_LEAST_1,
@@ -147,8 +156,48 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"{config.train_split!r} of {config.dataset}: that split has no labels (all -1); "
             "pretrain on a labelled split or use objective = 'nt_xent'."
         )
+    check_multi_crop(config, config.image_size)
 
 
 def _known_unlabelled(dataset: str, split: str) -> bool:
     """Whether ``split`` of ``dataset`` is known, from its name alone, to hold no labels."""
     return dataset == "stl10" and re.fullmatch(r"unlabelled(\[.*\])?", split) is not None
+
+
+def small_crop_size(config: ml_collections.ConfigDict, image_size: int) -> int:
+    """The side of multi-crop's small views for large views of ``image_size`` pixels:
+    ``augment.small_crop_size``, or when 0, round(3/7 of ``image_size``) (SwAV's 96 for 224)."""
+    return config.augment.small_crop_size or round(3 * image_size / 7)
+
+
+def check_multi_crop(config: ml_collections.ConfigDict, image_size: int) -> None:
+    """With ``augment.num_small_crops`` > 0, the fields multi-crop cannot work with, and the small
+    views' side against the large views' ``image_size`` (0 = not known yet: not checked).
+
+    Raises:
+      ValueError: one line naming the field, its value and what it must be.
+    """
+    num_small = config.augment.num_small_crops
+    if not num_small:
+        return
+    with_small = f"with augment.num_small_crops = {num_small}"
+    problems = {
+        "loss_block_size": (
+            config.loss_block_size != 0,
+            f"0 {with_small} (the multi-crop loss is dense only)",
+        ),
+        "hybrid.decoder": (config.hybrid.decoder != "none", f"'none' {with_small}"),
+        "objective": (config.objective != "nt_xent", f"'nt_xent' {with_small}"),
+    }
+    if image_size:
+        side = small_crop_size(config, image_size)
+        explicit = config.augment.small_crop_size
+        derived = "" if explicit else f"; 0 derives {side} from {image_size}"
+        problems["augment.small_crop_size"] = (
+            not MIN_IMAGE_SIZE <= side <= image_size,
+            f"a side in [{MIN_IMAGE_SIZE}, {image_size}] (the view size) {with_small}{derived}",
+        )
+    for name, (invalid, expected) in problems.items():
+        if invalid:
+            value = _field(config, name)
+            raise ValueError(f"config field {name} = {value!r} is invalid: it must be {expected}.")

@@ -83,6 +83,9 @@ def augment_config(config: ml_collections.ConfigDict, image_size: int) -> augmen
         blur_prob=config.augment.blur_prob,
         brightness_mode=config.augment.brightness_mode,
         rotation_degrees=config.augment.rotation_degrees,
+        num_small_crops=config.augment.num_small_crops,
+        small_crop_size=config_checks.small_crop_size(config, image_size),
+        small_crop_area_range=tuple(config.augment.small_crop_area),
     )
 
 
@@ -142,6 +145,7 @@ class Experiment:
                 "(e.g. 224) to the side the views are resized to."
             )
         self.image_shape = (self.image_size, self.image_size, channels)
+        config_checks.check_multi_crop(config, self.image_size)
         self.num_classes = self.probe_info.num_classes
         batch = config.global_batch_size
         self.steps_per_epoch = optim.steps_per_epoch(self.train_info.num_examples, batch)

@@ -3,6 +3,7 @@
 Every function takes the projections ``z`` of a whole batch, shape ``[2N, d]``, with the two views
 of image ``k`` on rows ``2k`` and ``2k + 1``: for NT-Xent the positive of row ``i`` is row
 ``i ^ 1`` and all other rows are negatives; SupCon adds the rows of the same class as positives.
+:func:`multi_crop_nt_xent` takes the small views of multi-crop as further rows after those.
 The functions are plain ``jnp`` code: called under ``jax.jit`` on a batch-sharded global array
 they see the global batch, so the negatives are global and the gradient is the one of a
 single-device computation (the compiler inserts the gathers).
@@ -269,3 +270,57 @@ def contrastive_metrics(
         "contrastive_accuracy": jnp.mean(correct).astype(jnp.float32),
         "contrastive_entropy": jnp.mean(entropy),
     }
+
+
+def multi_crop_nt_xent(z: jax.Array, temperature: float, num_small_crops: int) -> jax.Array:
+    """NT-Xent generalised to multi-crop (Caron et al., SwAV, 2020): 2 large + S small views.
+
+    Layout of ``z`` (``[(2 + S)·N, d]``, S = ``num_small_crops``): rows ``0 .. 2N - 1`` are the
+    large views exactly as for :func:`nt_xent` (image ``k`` on rows ``2k`` and ``2k + 1``); row
+    ``2N + S·k + s`` is small view ``s`` of image ``k``. Every row is an anchor:
+
+    - Large anchor ``i`` of image ``k``: one positive, the other large view ``i ^ 1``.
+    - Small anchor ``i`` of image ``k``: two positives, the two large views of image ``k``
+      (small views are never each other's positives, nor the large views').
+    - Negatives of any anchor: every view, large or small, of every other image.
+    - The normaliser of anchor ``i`` sums ``exp(sim(i, j) / temperature)`` over its positives
+      and negatives only: the anchor itself and its image's views that are not its positives
+      (for a large anchor its image's small views, for a small anchor its image's other small
+      views) are left out.
+
+    With ``P(i)`` the positives and ``A(i)`` the positives and negatives of anchor ``i``,
+    ``loss_i = mean_{p in P(i)} [log sum_{j in A(i)} exp(sim(i, j) / τ) - sim(i, p) / τ]``, and
+    the loss is the mean of ``loss_i`` over all ``(2 + S)·N`` anchors (each anchor weighs the
+    same, a small one's two terms being averaged). ``sim`` is the cosine similarity.
+
+    With S = 0 this is :func:`nt_xent` exactly (``A(i)`` is every other row). Computed densely,
+    in float32 at full precision: the ``[(2 + S)N, (2 + S)N]`` logits are held at once (there is
+    no blockwise form).
+
+    Args:
+      z: projections laid out as above; any float dtype.
+      temperature: the softmax temperature ``tau > 0``.
+      num_small_crops: S, the small views per image (>= 0).
+
+    Returns:
+      A float32 scalar.
+    """
+    if not isinstance(num_small_crops, int) or num_small_crops < 0:
+        raise ValueError(f"num_small_crops must be a non-negative int, got {num_small_crops!r}.")
+    views_per_image = 2 + num_small_crops
+    if z.ndim != 2 or z.shape[0] == 0 or z.shape[0] % views_per_image:
+        raise ValueError(
+            f"z must be 2-D with (2 + {num_small_crops})·N rows, N >= 1, got shape {z.shape}."
+        )
+    num_images = z.shape[0] // views_per_image
+    _check_projections(z[: 2 * num_images], temperature)
+    z = l2_normalize(z.astype(jnp.float32))
+    logits = _similarities(z, z, temperature)
+    rows = jnp.arange(z.shape[0])
+    large = rows < 2 * num_images
+    image = jnp.where(large, rows // 2, (rows - 2 * num_images) // max(num_small_crops, 1))
+    same_image = image[:, None] == image[None, :]
+    positive = same_image & large[None, :] & (rows[:, None] != rows[None, :])
+    log_normaliser = jax.nn.logsumexp(logits, axis=-1, where=positive | ~same_image)
+    positive_logits = jnp.sum(jnp.where(positive, logits, 0.0), axis=-1) / positive.sum(axis=-1)
+    return jnp.mean(log_normaliser - positive_logits)

@@ -6,7 +6,9 @@ augmented views side by side, so that a pair never straddles devices. The step f
 :func:`simclr_jax.losses.nt_xent` expects), runs the model in training mode, and optimises the
 contrastive loss on ``z`` (NT-Xent, or SupCon on the batch's labels: ``objective``) plus the
 online probe's cross-entropy on ``stop_gradient(h)`` (plus, with a
-:class:`simclr_jax.reconstruction.HybridObjective`, the reconstruction terms).
+:class:`simclr_jax.reconstruction.HybridObjective`, the reconstruction terms). With multi-crop
+the batch also holds ``"small_views": [B, S, h, w, C]``, and :func:`multi_crop_loss` replaces the
+contrastive loss.
 
 ``loss_and_gradients`` and ``train_step`` are pure: they see the global batch and know nothing of
 devices. ``jit_train_step`` compiles ``train_step`` for a mesh.
@@ -109,9 +111,12 @@ def loss_and_gradients(
             mutable=["batch_stats"],
             rngs={"dropout": key, SAMPLE_RNG: jax.random.fold_in(key, _SAMPLE_KEY_FOLD)},
         )
-        contrastive_loss = losses.contrastive_loss(
-            outputs["z"], labels, temperature, objective=objective, block_size=loss_block_size
-        )
+        if "small_views" in batch:
+            contrastive_loss = multi_crop_loss(state, params, outputs["z"], batch, key, temperature)
+        else:
+            contrastive_loss = losses.contrastive_loss(
+                outputs["z"], labels, temperature, objective=objective, block_size=loss_block_size
+            )
         probe_loss, probe_accuracy = probe_loss_and_accuracy(outputs["logits"], labels)
         loss = contrastive_loss + probe_loss
         hybrid_terms = {}
@@ -129,6 +134,37 @@ def loss_and_gradients(
         return loss, aux
 
     return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+
+def multi_crop_loss(
+    state: TrainState,
+    params: Any,
+    z: jax.Array,
+    batch: Batch,
+    key: jax.Array,
+    temperature: float,
+) -> jax.Array:
+    """Multi-crop's contrastive loss: the large views' projections ``z`` ``[2B, d]`` together
+    with those of ``batch["small_views"]`` ``[B, S, h, w, C]``, by
+    :func:`losses.multi_crop_nt_xent` (each small view an anchor whose positives are its image's
+    two large views).
+
+    The small views run through the model in a second call with the same ``params``, in training
+    mode: batch norm normalises them with their own batch statistics (one resolution per call,
+    as the usual multi-crop implementations do), and the running statistics this call computes
+    are discarded: the state keeps those of the large views, the resolution the encoder is
+    evaluated at. Every metric other than the loss is computed on the large views only.
+    """
+    small_views = batch["small_views"]
+    small_outputs, _ = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats},
+        flatten_views(small_views),
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": key, SAMPLE_RNG: jax.random.fold_in(key, _SAMPLE_KEY_FOLD)},
+    )
+    z = jnp.concatenate([z, small_outputs["z"].astype(z.dtype)])
+    return losses.multi_crop_nt_xent(z, temperature, small_views.shape[1])
 
 
 def train_step(

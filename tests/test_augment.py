@@ -527,3 +527,65 @@ def test_images_must_have_one_or_three_channels():
         augment.simclr_views(np.zeros((8, 8, 4), np.float32), [0, 1], config)
     with pytest.raises(ValueError, match=r"\[N, H, W, 1 or 3\]"):
         augment.simclr_views_batch(np.zeros((8, 8, 3), np.float32), [0, 1], config)
+
+
+# --- Multi-crop's small views --------------------------------------------------------------------
+
+
+def _multi_crop_config(**overrides) -> augment.AugmentConfig:
+    return augment.AugmentConfig(
+        image_size=16, num_small_crops=3, small_crop_size=8, **{"blur_prob": 0.0, **overrides}
+    )
+
+
+def test_small_views_shapes_ranges_and_independent_draws():
+    config = _multi_crop_config(blur_prob=0.5)
+    images = np.repeat(_colourful_image(24, 24)[None], 4, axis=0)
+    small = augment.small_views_batch(images, [4, 2], config).numpy()
+    assert small.shape == (4, 3, 8, 8, 3) and small.dtype == np.float32
+    assert small.min() >= 0.0 and small.max() <= 1.0
+    np.testing.assert_array_equal(small, augment.small_views_batch(images, [4, 2], config))
+    # Four copies of one image, one seed: every small view is a different crop and distortion.
+    assert len({view.tobytes() for view in small.reshape(12, -1)}) == 12
+    # One image at a time (crops sliced and resized one by one) gives the same views.
+    for seed in _seeds(2, base=7):
+        one = augment.small_views(images[0], seed, config).numpy()
+        np.testing.assert_allclose(
+            augment.small_views_batch(images[:1], seed, config)[0], one, atol=2e-5
+        )
+
+
+def test_small_crops_follow_their_own_area_range_below_the_ten_percent_floor():
+    """The large crops' 10% floor would turn SwAV's (0.05, 0.14) into (0.1, 0.14)."""
+    area_range = augment.DEFAULT_SMALL_CROP_AREA_RANGE
+    boxes = augment.sample_crop_boxes(64, 64, [5, 6], 500, area_range, min_covered=0.0).numpy()
+    area = boxes[:, 2] * boxes[:, 3] / 64**2
+    assert np.all(area >= 0.05) and np.all(area <= 0.14)
+    assert np.mean(area < 0.1) > 0.3  # the lower part of the range is used
+    floored = augment.sample_crop_boxes(64, 64, [5, 6], 500, area_range).numpy()
+    assert np.all(floored[:, 2] * floored[:, 3] / 64**2 >= 0.1)
+
+
+def test_small_views_are_crops_resized_to_the_small_side():
+    """With every distortion off, a small view of a horizontal ramp is a ramp over a part of it."""
+    config = _multi_crop_config(flip_prob=0.0, color_jitter_prob=0.0, grayscale_prob=0.0)
+    ramp = np.tile(np.linspace(0.0, 1.0, 32, dtype=np.float32)[None, :, None], (32, 1, 1))
+    small = augment.small_views_batch(ramp[None], [0, 9], config).numpy()[0]
+    spans = small[:, :, -1, 0].mean(axis=1) - small[:, :, 0, 0].mean(axis=1)
+    # A crop of at most 14% of the area is at most ~43% of the width (aspect up to 4/3).
+    assert np.all(spans > 0) and np.all(spans < 0.45)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"num_small_crops": -1},
+        {"num_small_crops": 2.0},
+        {"num_small_crops": 2, "small_crop_size": 0},
+        {"small_crop_area_range": (0.14, 0.05)},
+        {"small_crop_area_range": (0.05, 1.2)},
+    ],
+)
+def test_config_rejects_invalid_multi_crop_values(overrides):
+    with pytest.raises(ValueError):
+        augment.AugmentConfig(**{"image_size": 32, **overrides})

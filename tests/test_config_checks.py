@@ -35,6 +35,10 @@ from simclr_jax.configs import tiny
         ("augment.crop_area_min", 0.0),
         ("augment.flip_prob", 1.5),
         ("augment.rotation_degrees", -10.0),
+        ("augment.num_small_crops", -1),
+        ("augment.small_crop_size", 4),
+        ("augment.small_crop_area", (0.14, 0.05)),
+        ("augment.small_crop_area", (0.0, 0.14)),
         ("model.depth", 19),
         ("model.base_width", 0),
         ("model.width_multiplier", 0.0),
@@ -112,3 +116,38 @@ def test_every_entry_point_checks_the_config_once_in_one_line(tmp_path, monkeypa
         )
         assert checked == [1]
     assert not workdir.exists()  # refused before the workdir is touched
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "value", "expected"),
+    [
+        ({"loss_block_size": 8}, "loss_block_size", 8, "0 with augment.num_small_crops = 2"),
+        ({"hybrid.decoder": "ae"}, "hybrid.decoder", "ae", "'none' with augment.num_small_crops"),
+        ({"objective": "supcon"}, "objective", "supcon", "'nt_xent' with augment.num_small_crops"),
+        ({"augment.small_crop_size": 24}, "augment.small_crop_size", 24, r"\[8, 16\]"),
+        # tiny's 16 px views: 0 derives round(3/7 · 16) = 7, below 8.
+        ({}, "augment.small_crop_size", 0, r"\[8, 16\].*0 derives 7 from 16"),
+    ],
+)
+def test_multi_crop_conflicts_are_one_line_naming_the_field_and_value(
+    fields, field, value, expected
+):
+    config = tiny.get_config()  # image_size 16
+    config.update_from_flattened_dict({"augment.num_small_crops": 2, **fields})
+    with pytest.raises(ValueError) as error:
+        config_checks.check_config(config)
+    message = str(error.value)
+    assert message.startswith(f"config field {field} = {value!r} is invalid: it must be ")
+    assert re.search(expected, message) and "\n" not in message
+    config.augment.num_small_crops = 0  # plain SimCLR: none of these matter
+    config_checks.check_config(config)
+
+
+def test_multi_crop_small_side_is_checked_against_the_dataset_side():
+    config = tiny.get_config()
+    config.update_from_flattened_dict({"image_size": 0, "augment.num_small_crops": 2})
+    config_checks.check_config(config)  # the views' side is not known yet
+    config_checks.check_multi_crop(config, 28)  # 0 derives 12 from 28
+    assert config_checks.small_crop_size(config, 224) == 96  # SwAV's sizes
+    with pytest.raises(ValueError, match=r"small_crop_size = 0 .*0 derives 7 from 16\.$"):
+        config_checks.check_multi_crop(config, 16)

@@ -20,6 +20,18 @@ def test_every_recipe_is_listed():
         configs.names()
     )
     assert {"stl10_resnet18", "imagenet_resnet50", "imagenet_resnet50_sk"} <= set(configs.names())
+    assert "fashion_mnist_multicrop" in configs.names()
+
+
+def test_multi_crop_recipe_is_fashion_mnist_plus_small_crops():
+    recipe, base = configs.load("fashion_mnist_multicrop"), configs.load("fashion_mnist")
+    assert recipe.augment.num_small_crops == 4 and base.augment.num_small_crops == 0
+    augment_config = experiment.augment_config(recipe, recipe.image_size)
+    assert (augment_config.num_small_crops, augment_config.small_crop_size) == (4, 14)
+    assert augment_config.small_crop_area_range == (0.05, 0.14)
+    for name in ("num_small_crops", "small_crop_size", "small_crop_area"):
+        del recipe.augment[name], base.augment[name]
+    assert recipe.to_dict() == base.to_dict()
 
 
 @pytest.mark.parametrize("name", [*configs.names(), str(EXAMPLE_RECIPE)])

@@ -174,3 +174,62 @@ def test_invalid_shapes_raise(shape):
 def test_non_positive_temperature_raises():
     with pytest.raises(ValueError, match="temperature"):
         losses.nt_xent(jnp.ones((4, 3)), 0.0)
+
+
+# --- Multi-crop ------------------------------------------------------------------------------
+
+
+def _reference_multi_crop(z: np.ndarray, temperature: float, num_small: int) -> float:
+    """The multi-crop loss as its docstring defines it, one (anchor, positive) at a time, in
+    float64: large rows 2k and 2k + 1, small row 2N + S·k + s; a large anchor's positive is the
+    other large view, a small anchor's are its image's two large views; the normaliser runs
+    over the positives and every view of the other images."""
+    z = _normalised_rows(z)
+    num_images = len(z) // (2 + num_small)
+    images = [k for k in range(num_images) for _ in range(2)]
+    images += [k for k in range(num_images) for _ in range(num_small)]
+
+    def sim(i, j):
+        return float(z[i] @ z[j]) / temperature
+
+    per_anchor = []
+    for i in range(len(z)):
+        large = i < 2 * num_images
+        positives = [i ^ 1] if large else [2 * images[i], 2 * images[i] + 1]
+        negatives = [j for j in range(len(z)) if images[j] != images[i]]
+        denominator = sum(np.exp(sim(i, j)) for j in positives + negatives)
+        terms = [-np.log(np.exp(sim(i, p)) / denominator) for p in positives]
+        per_anchor.append(np.mean(terms))
+    return float(np.mean(per_anchor))
+
+
+@pytest.mark.parametrize(("num_small", "num_images"), [(0, 3), (1, 1), (1, 3), (2, 2), (5, 3)])
+def test_multi_crop_nt_xent_matches_reference(num_small, num_images):
+    rows = (2 + num_small) * num_images
+    z = np.random.default_rng(num_small).normal(size=(rows, 8)).astype(np.float32)
+    loss_fn = jax.jit(losses.multi_crop_nt_xent, static_argnums=2)  # one compilation for every τ
+    for temperature in (0.1, 0.5, 1.0):
+        loss = loss_fn(jnp.asarray(z), temperature, num_small)
+        assert loss.dtype == jnp.float32
+        expected = _reference_multi_crop(z, temperature, num_small)
+        np.testing.assert_allclose(loss, expected, rtol=2e-5, err_msg=f"τ = {temperature}")
+
+
+def test_multi_crop_nt_xent_without_small_crops_is_nt_xent_and_its_gradient():
+    def both(z, temperature):
+        multi_crop = jax.value_and_grad(losses.multi_crop_nt_xent)(z, temperature, 0)
+        return multi_crop, jax.value_and_grad(losses.nt_xent)(z, temperature)
+
+    for z in (jnp.asarray(_random_z(6)), jnp.asarray(_random_z(6)).astype(jnp.bfloat16)):
+        for temperature in (0.1, 0.5):
+            (loss, grad), (expected_loss, expected_grad) = jax.jit(both)(z, temperature)
+            np.testing.assert_array_equal(loss, expected_loss)
+            np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("shape", "num_small"), [((7, 4), 2), ((0, 4), 1), ((8,), 2), ((8, 4), -1), ((8, 4), 1.0)]
+)
+def test_multi_crop_rejects_bad_layouts(shape, num_small):
+    with pytest.raises(ValueError):
+        losses.multi_crop_nt_xent(jnp.zeros(shape), 0.5, num_small)

@@ -541,3 +541,44 @@ def test_images_of_several_sizes_are_augmented_one_by_one_and_resumably(varied_d
             batch["views"], np.broadcast_to(expected, (4, 2, 5, 5, 3)), atol=1e-5
         )
     assert_same_batches(take(stream(start_step=4), 2), reference[4:6])
+
+
+def test_multi_crop_batches_add_small_views_and_leave_the_views_unchanged(mock_cifar10):
+    config = AugmentConfig(image_size=16, num_small_crops=3, small_crop_size=8)
+    batches = take(cifar10_stream(augment_config=config), 2)
+    for batch, plain in zip(batches, take(cifar10_stream(), 2), strict=True):
+        assert batch.keys() == {"views", "label", "small_views"}
+        small = batch["small_views"]
+        assert small.dtype == np.float32 and small.shape == (4, 3, 8, 8, 3)
+        assert small.min() >= 0.0 and small.max() <= 1.0
+        # Every small view of every example is its own crop.
+        assert len({view.tobytes() for view in small.reshape(12, -1)}) == 12
+        np.testing.assert_array_equal(batch["views"], plain["views"])
+        np.testing.assert_array_equal(batch["label"], plain["label"])
+
+
+def test_multi_crop_on_images_of_several_sizes(varied_data_dir):
+    config = AugmentConfig(
+        image_size=5,
+        num_small_crops=2,
+        small_crop_size=3,
+        color_jitter_prob=0.0,
+        grayscale_prob=0.0,
+    )
+    stream = pipeline.pretrain_batches(
+        "tiny_varied_images",
+        "train",
+        host_batch_size=4,
+        augment_config=config,
+        seed=2,
+        process_index=0,
+        process_count=1,
+        data_dir=varied_data_dir,
+    )
+    for batch in take(stream, 3):
+        assert batch["small_views"].shape == (4, 2, 3, 3, 3)
+        # Crops of a constant image stay that constant: each small view is its own example's.
+        expected = (batch["label"] + 1)[:, None, None, None, None] / 255.0
+        np.testing.assert_allclose(
+            batch["small_views"], np.broadcast_to(expected, (4, 2, 3, 3, 3)), atol=1e-5
+        )

@@ -2,13 +2,14 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from simclr_jax import optim, parallel, step
+from simclr_jax import losses, optim, parallel, step
 from simclr_jax.models import simclr_resnet
 
 IMAGE_SHAPE = (16, 16, 3)
@@ -235,3 +236,118 @@ def test_bfloat16_steps_track_float32_with_float32_state_and_loss():
     flat16 = np.concatenate([np.ravel(u) for u in jax.tree.leaves(update16)])
     cosine = flat16 @ flat32 / (np.linalg.norm(flat16) * np.linalg.norm(flat32))
     assert cosine > 0.95, cosine
+
+
+# --- Multi-crop: small views through the same encoder ---------------------------------------
+
+NUM_SMALL_CROPS = 2
+SMALL_SHAPE = (8, 8, 3)
+
+
+class _TinyConvSimCLR(nn.Module):
+    """Convolution, batch norm and a global mean: a SimCLR-shaped model that compiles in seconds
+    and, like the ResNet, takes views of any resolution."""
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
+        x = nn.Conv(8, (3, 3), strides=2)(images)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        h = jnp.mean(x, axis=(1, 2))
+        logits = nn.Dense(10)(jax.lax.stop_gradient(h))
+        return {"h": h, "z": nn.Dense(8)(nn.relu(nn.Dense(8)(h))), "logits": logits}
+
+
+@functools.cache
+def _tiny_host_state() -> step.TrainState:
+    tx = optim.lars(_schedule(), weight_decay=1e-4)
+    return jax.device_get(
+        step.create_train_state(_TinyConvSimCLR(), tx, jax.random.key(0), IMAGE_SHAPE)
+    )
+
+
+def _multi_crop_batch(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1000 + seed)
+    small = rng.random((BATCH_SIZE, NUM_SMALL_CROPS, *SMALL_SHAPE), dtype=np.float32)
+    return {**_batch(seed), "small_views": small}
+
+
+@functools.cache
+def _sharded_multi_crop_steps(num_steps: int = 3):
+    """``num_steps`` jitted steps on the 8-device mesh from the initial state: host copies of
+    the state after the first step, each step's metrics, and how often the step was traced."""
+    traces = []
+
+    def schedule(count):
+        traces.append(1)  # called once per trace of the step, never when a compiled step runs
+        return _schedule()(count)
+
+    mesh = parallel.data_mesh()
+    train = step.jit_train_step(mesh, temperature=TEMPERATURE, learning_rate_fn=schedule)
+    state = _on_mesh(mesh, jax.device_put(_tiny_host_state()))
+    first_state, metrics = None, []
+    for i in range(num_steps):
+        batch = parallel.host_batch_to_global(_multi_crop_batch(i), mesh)
+        state, m = train(state, batch, jax.random.key(i))
+        metrics.append(jax.device_get(m))
+        if first_state is None:
+            first_state = jax.device_get((state.params, state.batch_stats, state.opt_state))
+    return first_state, metrics, len(traces)
+
+
+@functools.cache
+def _one_device_multi_crop_reference():
+    """On one device, for batch 0: the multi-crop loss recomputed from the model's projections
+    (large and small views batch-normalised separately), the pure train step's new state and
+    metrics, and the plain step's terms on the same batch without small views."""
+    state = jax.device_put(_tiny_host_state())
+    batch = jax.tree.map(jnp.asarray, _multi_crop_batch(0))
+    plain_batch = {k: v for k, v in batch.items() if k != "small_views"}
+
+    @jax.jit
+    def compute(state, batch, plain_batch):
+        def z_of(views):
+            outputs, _ = state.apply_fn(
+                {"params": state.params, "batch_stats": state.batch_stats},
+                step.flatten_views(views),
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return outputs["z"]
+
+        z = jnp.concatenate([z_of(batch["views"]), z_of(batch["small_views"])])
+        expected = losses.multi_crop_nt_xent(z, TEMPERATURE, NUM_SMALL_CROPS)
+        new_state, metrics = step.train_step(
+            state,
+            batch,
+            jax.random.key(0),
+            temperature=TEMPERATURE,
+            learning_rate_fn=_schedule(),
+        )
+        new_state = (new_state.params, new_state.batch_stats, new_state.opt_state)
+        (_, plain_aux), _ = step.loss_and_gradients(
+            state, plain_batch, jax.random.key(0), temperature=TEMPERATURE
+        )
+        plain_terms = {k: plain_aux[k] for k in ("batch_stats", "probe_loss", "contrastive_loss")}
+        return expected, new_state, metrics, plain_terms
+
+    return jax.device_get(compute(state, batch, plain_batch))
+
+
+def test_multi_crop_steps_on_eight_devices_equal_one_device_and_compile_once():
+    first_state, metrics, traces = _sharded_multi_crop_steps()
+    assert traces == 1  # shapes are fixed per run: one compilation for every batch
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+    _, expected_state, expected_metrics, _ = _one_device_multi_crop_reference()
+    _assert_trees_close(first_state, expected_state, 1e-4)
+    _assert_trees_close(metrics[0], expected_metrics, 1e-4)
+
+
+def test_multi_crop_loss_sees_both_resolutions_and_keeps_the_large_views_statistics():
+    """The loss is `multi_crop_nt_xent` of the large then the small views' projections, each
+    resolution batch-normalised on its own; the running statistics and the probe's loss are
+    those of the plain step on the large views."""
+    expected_loss, (_, batch_stats, _), metrics, plain = _one_device_multi_crop_reference()
+    np.testing.assert_allclose(metrics["contrastive_loss"], expected_loss, rtol=1e-6)
+    assert not np.isclose(metrics["contrastive_loss"], plain["contrastive_loss"])
+    np.testing.assert_allclose(metrics["probe_loss"], plain["probe_loss"], rtol=1e-6)
+    _assert_trees_close(batch_stats, plain["batch_stats"], 1e-6)

@@ -35,6 +35,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.blur_prob = 0.5  # 0 for 32 px datasets
     config.augment.brightness_mode = "multiplicative"  # SimCLRv2/TF2; "additive" = v1
     config.augment.rotation_degrees = 0.0  # > 0: rotate each view by U[-r, r]°, zero fill; 0 = off
+    # Multi-crop (SwAV, Caron et al. 2020): this many extra small, low-resolution views of each
+    # image, each an anchor whose positives are its image's two large views (README, Multi-crop).
+    # 0 = plain SimCLR. Needs loss_block_size = 0 and hybrid.decoder = "none".
+    config.augment.num_small_crops = 0
+    # Side of the small views in pixels; 0 = round(3/7 of the large views' side), SwAV's 96 for
+    # 224 (12 for 28, 14 for 32); must be 8 .. the large side.
+    config.augment.small_crop_size = 0
+    # The small crops' area fraction ~ U[low, high] (SwAV: (0.05, 0.14); its large crops use
+    # crop_area_min = 0.14). Unlike the large crops, no 10%-of-the-image floor applies.
+    config.augment.small_crop_area = (0.05, 0.14)
 
     # --- Model (SimCLR §4) ------------------------------------------------------------------
     config.model = ml_collections.ConfigDict()

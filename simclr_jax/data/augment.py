@@ -44,6 +44,8 @@ with contextlib.suppress(RuntimeError):  # Raised when TF devices are already in
 DEFAULT_CROP_AREA_RANGE = (0.08, 1.0)
 DEFAULT_CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
 DEFAULT_FLIP_PROB = 0.5
+# Multi-crop (SwAV): the area fraction of the small, low-resolution crops.
+DEFAULT_SMALL_CROP_AREA_RANGE = (0.05, 0.14)
 # The crop must keep at least this fraction of the image (official SimCLR value).
 _MIN_OBJECT_COVERED = 0.1
 _MAX_CROP_ATTEMPTS = 100
@@ -64,6 +66,11 @@ class AugmentConfig:
     ("multiplicative": factor ~ U[1-0.8s, 1+0.8s]) or v1 ("additive": delta ~ U[-0.8s, 0.8s]).
     ``rotation_degrees`` > 0 rotates every view by an angle ~ U[-r, r] degrees (see
     `random_rotation`); 0 adds no op.
+
+    Multi-crop (Caron et al., SwAV, 2020): ``num_small_crops`` > 0 adds that many small views of
+    each image (`small_views_batch`), ``small_crop_size`` pixels square, cropped with area
+    fraction in ``small_crop_area_range`` (and the same aspect range) and distorted like the two
+    large views. 0 small crops (the default) is plain SimCLR.
     """
 
     image_size: int
@@ -77,17 +84,26 @@ class AugmentConfig:
     blur_sigma_range: tuple[float, float] = (0.1, 2.0)
     brightness_mode: str = "multiplicative"
     rotation_degrees: float = 0.0
+    num_small_crops: int = 0
+    small_crop_size: int = 0
+    small_crop_area_range: tuple[float, float] = DEFAULT_SMALL_CROP_AREA_RANGE
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
             raise ValueError(f"image_size must be an int, got {self.image_size!r}")
         if self.image_size <= 0:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
-        for name in ("crop_area_range", "crop_aspect_range", "blur_sigma_range"):
+        for name in (
+            "crop_area_range",
+            "crop_aspect_range",
+            "blur_sigma_range",
+            "small_crop_area_range",
+        ):
             # Normalise lists (e.g. from ml_collections configs) to hashable float tuples.
             object.__setattr__(self, name, _as_range(name, getattr(self, name)))
-        if self.crop_area_range[1] > 1:
-            raise ValueError(f"crop_area_range must lie in (0, 1], got {self.crop_area_range}")
+        for name in ("crop_area_range", "small_crop_area_range"):
+            if getattr(self, name)[1] > 1:
+                raise ValueError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
         for name in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
@@ -99,6 +115,19 @@ class AugmentConfig:
         _check_brightness_mode(self.brightness_mode)
         if not 0 <= self.rotation_degrees <= 180:
             raise ValueError(f"rotation_degrees must be in [0, 180], got {self.rotation_degrees}")
+        if isinstance(self.num_small_crops, bool) or not isinstance(self.num_small_crops, int):
+            raise ValueError(f"num_small_crops must be an int, got {self.num_small_crops!r}")
+        if self.num_small_crops < 0:
+            raise ValueError(f"num_small_crops must be non-negative, got {self.num_small_crops}")
+        if self.num_small_crops and not (
+            isinstance(self.small_crop_size, int)
+            and not isinstance(self.small_crop_size, bool)
+            and self.small_crop_size > 0
+        ):
+            raise ValueError(
+                f"small_crop_size must be a positive int with small crops, got "
+                f"{self.small_crop_size!r}"
+            )
 
 
 def sample_crop_boxes(
@@ -108,6 +137,7 @@ def sample_crop_boxes(
     num: int,
     area_range: Sequence[float] = DEFAULT_CROP_AREA_RANGE,
     aspect_range: Sequence[float] = DEFAULT_CROP_ASPECT_RANGE,
+    min_covered: float = _MIN_OBJECT_COVERED,
 ) -> tf.Tensor:
     """``num`` random crop boxes of an ``image_height × image_width`` image, int32 ``[num, 4]``.
 
@@ -119,6 +149,8 @@ def sample_crop_boxes(
     and the whole image is used when none does. As in TensorFlow, the top (left) offset of a box
     shorter (narrower) than the image is uniform in ``[0, H - h)``, so such a box never touches
     the bottom (right) edge. All ``num`` boxes are drawn together, in a fixed number of ops.
+    ``min_covered`` replaces the 10% floor (multi-crop's small crops use 0: their area range
+    alone decides).
     """
     height = tf.cast(image_height, tf.float32)
     width = tf.cast(image_width, tf.float32)
@@ -150,7 +182,7 @@ def sample_crop_boxes(
     fits = (
         (area >= min_area)
         & (area <= max_area)
-        & (area >= _MIN_OBJECT_COVERED * image_area)
+        & (area >= min_covered * image_area)
         & (box_width >= 1)
         & (box_height >= 1)
         & (box_width <= width)
@@ -399,6 +431,61 @@ def simclr_views_batch(images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig
     views = distort(crops, distort_seed, config)
     size, channels = config.image_size, _num_channels(images, batched=True)
     return tf.reshape(views, [-1, 2, size, size, channels])
+
+
+def small_views(image: tf.Tensor, seed: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
+    """Multi-crop's small views of one ``[H, W, C]`` image: float32 ``[S, s, s, C]``.
+
+    ``S = config.num_small_crops``, ``s = config.small_crop_size``. As `simclr_views` (any image
+    size, crops resized one by one), with crop areas drawn from ``small_crop_area_range`` without
+    the large crops' 10% floor; exactly the views `small_views_batch` gives for a batch of this
+    one image and the same seed.
+    """
+    image = _to_float(image)
+    crop_seed, distort_seed = _split(seed, 2)
+    shape = tf.shape(image)
+    num = config.num_small_crops
+    boxes = sample_crop_boxes(
+        shape[0],
+        shape[1],
+        crop_seed,
+        num,
+        config.small_crop_area_range,
+        config.crop_aspect_range,
+        min_covered=0.0,
+    )
+    size = config.small_crop_size
+    crops = tf.stack([_crop_and_resize(image, boxes[i], size) for i in range(num)])
+    return distort(crops, distort_seed, config)
+
+
+def small_views_batch(images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
+    """Multi-crop's small views of each ``[B, H, W, C]`` image: float32 ``[B, S, s, s, C]``.
+
+    ``S = config.num_small_crops`` independent views per image, each a random crop whose area
+    fraction lies in ``small_crop_area_range`` (aspect as the large views'; no 10% floor, so
+    the configured range alone decides), bicubic-resized to ``s = config.small_crop_size``
+    pixels, then distorted exactly as the large views are (`distort`: flip, colour jitter,
+    grayscale, blur, and rotation when on). The batched counterpart of `small_views`.
+    """
+    images = _to_float(images, batched=True)
+    shape = tf.shape(images)
+    num = config.num_small_crops
+    crop_seed, distort_seed = _split(seed, 2)
+    boxes = sample_crop_boxes(
+        shape[1],
+        shape[2],
+        crop_seed,
+        num * shape[0],
+        config.small_crop_area_range,
+        config.crop_aspect_range,
+        min_covered=0.0,
+    )
+    # Rows num·b to num·b + num - 1 are the small views of image b.
+    crops = resized_crops(tf.repeat(images, num, axis=0), boxes, config.small_crop_size)
+    views = distort(crops, distort_seed, config)
+    size, channels = config.small_crop_size, _num_channels(images, batched=True)
+    return tf.reshape(views, [-1, num, size, size, channels])
 
 
 def linear_eval_augment(image: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.Tensor:

@@ -34,6 +34,8 @@ from simclr_jax.data.augment import (
     linear_eval_augment,
     simclr_views,
     simclr_views_batch,
+    small_views,
+    small_views_batch,
 )
 from simclr_jax.data.sources import (
     UNLABELLED,
@@ -59,6 +61,9 @@ DEFAULT_SHUFFLE_BUFFER = 50_000
 # Sub-streams of randomness derived from the user's seed.
 _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
+# Multi-crop's small views: folded into the key of a batch (or example), so that the large views
+# are the same with or without small crops.
+_SMALL_VIEWS_STREAM = 1
 
 
 def num_batches(num_examples: int, batch_size: int) -> int:
@@ -93,6 +98,10 @@ def pretrain_batches(
     The process index and count default to JAX's. `with_input_image` adds `"image": float32
     [b, S, S, C]`, the un-augmented example resized to the view size (as `eval_preprocess`
     does), e.g. as a reconstruction target; the views are the same with or without it.
+    With multi-crop (`augment_config.num_small_crops` = n > 0) the batch also holds
+    `"small_views": float32 [b, n, s, s, C]` (`augment.small_views_batch`, `s` =
+    `augment_config.small_crop_size`), drawn from their own seed: `views` are the same with or
+    without them.
     """
     if host_batch_size <= 0:
         raise ValueError(f"host_batch_size must be positive, got {host_batch_size}")
@@ -142,19 +151,25 @@ def pretrain_batches(
         input_image = eval_preprocess(example["image"], augment_config.image_size)
         return {**example, "input_image": input_image}
 
-    def with_views(examples: dict[str, tf.Tensor], views: tf.Tensor) -> dict[str, tf.Tensor]:
+    def with_views(
+        examples: dict[str, tf.Tensor], key: tf.Tensor, views_fn, small_views_fn
+    ) -> dict[str, tf.Tensor]:
+        views = views_fn(examples["image"], key, augment_config)
         out = {"views": views, "label": examples["label"]}
         if with_input_image:
             out["image"] = examples["input_image"]
+        if augment_config.num_small_crops:
+            small_key = tf.random.experimental.stateless_fold_in(key, _SMALL_VIEWS_STREAM)
+            out["small_views"] = small_views_fn(examples["image"], small_key, augment_config)
         return out
 
     def augment_batch(step: tf.Tensor, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         step_key = tf.random.experimental.stateless_fold_in(augment_key, step)
-        return with_views(batch, simclr_views_batch(batch["image"], step_key, augment_config))
+        return with_views(batch, step_key, simclr_views_batch, small_views_batch)
 
     def augment_example(position: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         example_key = tf.random.experimental.stateless_fold_in(augment_key, position)
-        return with_views(example, simclr_views(example["image"], example_key, augment_config))
+        return with_views(example, example_key, simclr_views, small_views)
 
     examples = tf.data.Dataset.counter(first_epoch).flat_map(shuffled_epoch).skip(offset)
     if not cache:
