@@ -15,7 +15,9 @@ def get_config():
     config = default.get_config()
     config.dataset = "fashion_mnist"
     config.image_size = 28
-    config.augment.crop_area_min = 0.2
+    # Chosen on the validation split (docs/fashion_mnist_recipe.md): crops of at least 40% of the
+    # image keep more of each garment's outline than 20% did, which kNN in particular rewards.
+    config.augment.crop_area_min = 0.4
     config.augment.color_jitter_strength = 0.5  # one channel: brightness and contrast only
     config.augment.blur_prob = 0.0  # 28 px: no blur
     config.model.depth = 18
