@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_model import TinySimCLR
+from tiny_model import tiny_step_inputs
 
-from simclr_jax import losses, optim, parallel, step
+from simclr_jax import losses, parallel, step
 
 
 def _z(num_images: int, dim: int = 8, seed: int = 0) -> jax.Array:
@@ -77,15 +77,7 @@ def test_blockwise_gradient_never_holds_the_similarity_matrix():
 
 def test_train_step_with_blockwise_loss_equals_dense_step_on_the_mesh():
     mesh = parallel.data_mesh()
-    schedule = optim.warmup_cosine_schedule(peak_value=0.5, warmup_steps=1, total_steps=4)
-    initial = jax.device_get(
-        step.create_train_state(TinySimCLR(), optim.lars(schedule), jax.random.key(0), (4, 4, 1))
-    )
-    rng = np.random.default_rng(0)
-    host_batch = {
-        "views": rng.random((16, 2, 4, 4, 1), dtype=np.float32),
-        "label": rng.integers(0, 3, 16).astype(np.int32),
-    }
+    schedule, initial, host_batch = tiny_step_inputs()
     results = []
     for block_size in (0, 12):  # 12 does not divide the 32 rows of z
         train = step.jit_train_step(

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_model import TinySimCLR
+from tiny_model import tiny_step_inputs
 
-from simclr_jax import losses, optim, parallel, step, trainer
+from simclr_jax import losses, parallel, step, trainer
 from simclr_jax.configs import tiny
 
 
@@ -127,21 +127,8 @@ def test_bad_inputs_are_clear_errors():
         losses.contrastive_loss(z, jnp.zeros(6, jnp.int32), 0.5, objective="simclr")
 
 
-def _step_inputs():
-    schedule = optim.warmup_cosine_schedule(peak_value=0.5, warmup_steps=1, total_steps=4)
-    state = jax.device_get(
-        step.create_train_state(TinySimCLR(), optim.lars(schedule), jax.random.key(0), (4, 4, 1))
-    )
-    rng = np.random.default_rng(0)
-    batch = {
-        "views": rng.random((16, 2, 4, 4, 1), dtype=np.float32),
-        "label": rng.integers(-1, 3, 16).astype(np.int32),
-    }
-    return schedule, state, batch
-
-
 def test_supcon_step_on_eight_devices_equals_one_device_and_logs_the_loss():
-    schedule, initial, host_batch = _step_inputs()
+    schedule, initial, host_batch = tiny_step_inputs(lowest_label=-1)
     results = []
     for mesh in (parallel.data_mesh(), parallel.data_mesh(jax.devices()[:1])):
         train = step.jit_train_step(
@@ -161,7 +148,7 @@ def test_supcon_step_on_eight_devices_equals_one_device_and_logs_the_loss():
 
 
 def test_supcon_step_optimises_supcon_on_the_batch_labels():
-    _, initial, batch = _step_inputs()
+    _, initial, batch = tiny_step_inputs(lowest_label=-1)
     batch = jax.tree.map(jnp.asarray, batch)
 
     @jax.jit(static_argnums=0)
