@@ -3,7 +3,8 @@
 Times the real SimCLR training step (the model, NT-Xent, optimiser and jit over a data mesh that
 ``python -m simclr_jax.train`` uses) on random images of a given shape, and prints one JSON line:
 median and minimum step time over ``--steps`` timed steps after compilation and ``--warmup``
-untimed ones; views/s (a step processes two views of each of ``batch`` images); the step's
+untimed ones; views/s (a step processes two views of each of ``batch`` images, and a recipe's
+multi-crop small views beside them, which views/s does not count); the step's
 FLOPs; the FLOP/s achieved; and utilisation against the float32 matmul FLOP/s that the same
 process measures on the same devices.
 
@@ -17,16 +18,16 @@ The record names the compiler options the step was compiled with
 The model flags mean what they mean for the PyTorch reference step (``--model resnet18 --width 64
 --image-size 32 --channels 3 --batch 128``: CIFAR stem up to 32 px, a 2-layer projection head,
 τ = 0.5, SGD with momentum), so the two programs can be run side by side. With ``--config`` the
-model, batch, image shape (from the dataset's metadata), dtype, ``conv_impl`` and optimiser come
-from a recipe, and model flags given explicitly override the recipe's values. A recipe also
-adds the input pipeline's throughput (``input_pairs_per_s``, and ``input_headroom``: augmented
-views the pipeline makes per second over the images the step consumes per second; below about
-1 training is input-bound) and, with ``--measure-data-wait``, ``data_wait_fraction`` from a short
-real training run (``trainer.train_and_evaluate``, logged to ``metrics.jsonl``). With
-``--conv-layers`` it also times every distinct convolution of the model on one device's share of
-the batch (forward, input gradient, kernel gradient: ``conv_layers`` and ``conv_totals_ms``), to
-show where the step's convolution time goes (:mod:`simclr_jax.cpu.conv_layers`).
-"""
+model, batch, image shape (from the dataset's metadata), dtype, ``conv_impl``, optimiser, objective
+and multi-crop views come from a recipe, and model flags given explicitly override the recipe's
+values. A recipe also adds the input pipeline's throughput (``input_pairs_per_s``, and
+``input_headroom``: augmented views the pipeline makes per second over the images the step consumes
+per second; below about 1 training is input-bound) and, with ``--measure-data-wait``,
+``data_wait_fraction`` from a short real training run (``trainer.train_and_evaluate``, logged to
+``metrics.jsonl``). With ``--conv-layers`` it also times every distinct convolution of the model on
+one device's share of the batch (forward, input gradient, kernel gradient: ``conv_layers`` and
+``conv_totals_ms``), to show where the step's convolution time goes
+(:mod:`simclr_jax.cpu.conv_layers`)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ import numpy as np
 from simclr_jax import (
     cli,
     compile_check,
+    config_checks,
     configs,
     input_throughput,
     jsonio,
@@ -83,6 +85,9 @@ class StepSetup:
     conv_impl: str = "auto"
     optimizer: str = "sgd"
     temperature: float = 0.5
+    objective: str = "nt_xent"
+    num_small_crops: int = 0  # multi-crop's small views per image
+    small_crop_size: int = 0  # their side in pixels
 
 
 def setup_from_config(
@@ -100,11 +105,13 @@ def setup_from_config(
         check_images=False,  # the images are not read
     )
     height, _, channels = info.image_shape
+    image_size = config.image_size or height
+    num_small_crops = config.augment.num_small_crops
     return StepSetup(
         depth=config.model.depth,
         base_width=config.model.base_width,
         width_multiplier=config.model.width_multiplier,
-        image_size=config.image_size or height,
+        image_size=image_size,
         channels=channels,
         batch=config.global_batch_size,
         stem=config.model.stem,
@@ -116,6 +123,9 @@ def setup_from_config(
         conv_impl=config.model.conv_impl,
         optimizer=config.optimizer,
         temperature=config.temperature,
+        objective=config.objective,
+        num_small_crops=num_small_crops,
+        small_crop_size=config_checks.small_crop_size(config, image_size) if num_small_crops else 0,
     )
 
 
@@ -171,10 +181,18 @@ def benchmark_step(
         "views": rng.uniform(size=(setup.batch, 2, *image_shape)).astype(np.float32),
         "label": rng.integers(0, 10, setup.batch).astype(np.int32),
     }
+    if setup.num_small_crops:
+        side = setup.small_crop_size
+        host_batch["small_views"] = rng.uniform(
+            size=(setup.batch, setup.num_small_crops, side, side, setup.channels)
+        ).astype(np.float32)
     batch = parallel.host_batch_to_global(host_batch, mesh)
     key = jax.random.key(1)
     train_step = step.jit_train_step(
-        mesh, temperature=setup.temperature, learning_rate_fn=lambda _: learning_rate
+        mesh,
+        temperature=setup.temperature,
+        learning_rate_fn=lambda _: learning_rate,
+        objective=setup.objective,
     )
     compiled = train_step.lower(state, batch, key).compile()
     if layers == XLA_LAYERS:

@@ -180,6 +180,8 @@ class Experiment:
             "num_classes": self.num_classes,
             "optimizer": self.config.optimizer,
         }
+        if self.config.objective != "nt_xent":  # as the ratios: SimCLR's checkpoints stay valid
+            compatibility["objective"] = self.config.objective
         if self.hybrid is not None:  # recorded only when on: plain checkpoints stay compatible
             hybrid = self.config.hybrid
             compatibility["hybrid_decoder"] = hybrid.decoder

@@ -33,13 +33,15 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(squared_norms, _SQUARED_NORM_EPS))
 
 
-def _check_projections(z: jax.Array, temperature: float) -> None:
-    """Raises ValueError, at trace time, unless ``z`` is 2-D with an even, non-zero row count."""
+def _check_projections(z: jax.Array, temperature: float, views_per_image: int = 2) -> None:
+    """Raises ValueError, at trace time, unless ``z`` is 2-D with a non-zero multiple of
+    ``views_per_image`` rows."""
     if z.ndim != 2:
-        raise ValueError(f"z must be 2-D [2N, d], got shape {z.shape}.")
-    if z.shape[0] < 2 or z.shape[0] % 2:
+        raise ValueError(f"z must be 2-D [{views_per_image}N, d], got shape {z.shape}.")
+    if z.shape[0] < views_per_image or z.shape[0] % views_per_image:
         raise ValueError(
-            f"z must have an even number (>= 2) of rows, two views per image, got {z.shape[0]}."
+            f"z must have {views_per_image}·N rows (N >= 1 images, {views_per_image} views "
+            f"each), got {z.shape[0]}."
         )
     if isinstance(temperature, int | float) and temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
@@ -307,13 +309,8 @@ def multi_crop_nt_xent(z: jax.Array, temperature: float, num_small_crops: int) -
     """
     if not isinstance(num_small_crops, int) or num_small_crops < 0:
         raise ValueError(f"num_small_crops must be a non-negative int, got {num_small_crops!r}.")
-    views_per_image = 2 + num_small_crops
-    if z.ndim != 2 or z.shape[0] == 0 or z.shape[0] % views_per_image:
-        raise ValueError(
-            f"z must be 2-D with (2 + {num_small_crops})·N rows, N >= 1, got shape {z.shape}."
-        )
-    num_images = z.shape[0] // views_per_image
-    _check_projections(z[: 2 * num_images], temperature)
+    _check_projections(z, temperature, views_per_image=2 + num_small_crops)
+    num_images = z.shape[0] // (2 + num_small_crops)
     z = l2_normalize(z.astype(jnp.float32))
     logits = _similarities(z, z, temperature)
     rows = jnp.arange(z.shape[0])

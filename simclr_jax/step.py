@@ -77,6 +77,21 @@ def probe_loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.A
     return (cross_entropy * labelled).sum() / count, (correct & labelled).sum() / count
 
 
+def _apply_in_training(
+    state: TrainState, params: Any, images: jax.Array, key: jax.Array
+) -> tuple[dict[str, jax.Array], Any]:
+    """The model on ``images`` in training mode: its outputs and the updated batch statistics.
+    ``key`` feeds the ``dropout`` stream and, folded, the ``sample`` stream."""
+    outputs, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": key, SAMPLE_RNG: jax.random.fold_in(key, _SAMPLE_KEY_FOLD)},
+    )
+    return outputs, updates["batch_stats"]
+
+
 def loss_and_gradients(
     state: TrainState,
     batch: Batch,
@@ -104,13 +119,7 @@ def loss_and_gradients(
     labels = jnp.repeat(batch["label"], 2)
 
     def loss_fn(params):
-        outputs, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": key, SAMPLE_RNG: jax.random.fold_in(key, _SAMPLE_KEY_FOLD)},
-        )
+        outputs, batch_stats = _apply_in_training(state, params, images, key)
         if "small_views" in batch:
             contrastive_loss = multi_crop_loss(state, params, outputs["z"], batch, key, temperature)
         else:
@@ -125,7 +134,7 @@ def loss_and_gradients(
             loss = loss + hybrid_loss
         aux = {
             "outputs": outputs,
-            "batch_stats": updates["batch_stats"],
+            "batch_stats": batch_stats,
             "contrastive_loss": contrastive_loss,
             "probe_loss": probe_loss,
             "probe_accuracy": probe_accuracy,
@@ -156,13 +165,7 @@ def multi_crop_loss(
     evaluated at. Every metric other than the loss is computed on the large views only.
     """
     small_views = batch["small_views"]
-    small_outputs, _ = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats},
-        flatten_views(small_views),
-        train=True,
-        mutable=["batch_stats"],
-        rngs={"dropout": key, SAMPLE_RNG: jax.random.fold_in(key, _SAMPLE_KEY_FOLD)},
-    )
+    small_outputs, _ = _apply_in_training(state, params, flatten_views(small_views), key)
     z = jnp.concatenate([z, small_outputs["z"].astype(z.dtype)])
     return losses.multi_crop_nt_xent(z, temperature, small_views.shape[1])
 

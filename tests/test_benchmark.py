@@ -152,3 +152,26 @@ def test_data_wait_fraction_leaves_out_the_first_interval(monkeypatch, capsys):
     assert seen["eval_every_steps"] == 0
     captured = capsys.readouterr()
     assert captured.out == "" and "progress line" in captured.err
+
+
+def test_the_recipes_objective_and_small_views_are_timed(capsys, fashion_mnist_data_dir):
+    argv = [
+        "--config=tiny",
+        f"--data-dir={fashion_mnist_data_dir}",
+        "--no-input",
+        "--config.model.conv_impl=xla",
+        "--steps=1",
+        "--warmup=0",
+        "--devices=1",
+    ]
+    plain = _record(capsys, argv)
+    supcon = _record(capsys, [*argv, "--config.objective=supcon"])
+    multi_crop = _record(
+        capsys,
+        [*argv, "--config.augment.num_small_crops=2", "--config.augment.small_crop_size=8"],
+    )
+    assert (plain["objective"], plain["num_small_crops"]) == ("nt_xent", 0)
+    assert supcon["objective"] == "supcon"
+    assert (multi_crop["num_small_crops"], multi_crop["small_crop_size"]) == (2, 8)
+    # Two 8-px views beside two 16-px ones: a quarter more pixels, about as much more work.
+    assert 1.15 < multi_crop["flops_per_step"] / plain["flops_per_step"] < 1.3

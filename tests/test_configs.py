@@ -108,16 +108,28 @@ def test_the_sk_recipe_builds_simclrv2s_encoder():
     assert (setup.sk_ratio, setup.se_ratio) == (0.0625, 0.0)
 
 
-def test_checkpoints_record_sk_and_se_only_when_on():
-    """A checkpoint must match the run's ``compatibility()``; the ratios enter it only when on,
-    so checkpoints written before these fields existed still restore."""
-    info = pipeline.DatasetInfo("imagenet2012", 1_281_167, 1000, (None, None, 3))
+def test_checkpoints_record_sk_se_and_the_objective_only_when_not_simclrs():
+    """A checkpoint must match the run's ``compatibility()``; the ratios and the objective enter
+    it only when they differ from SimCLR's, so checkpoints written before these fields existed
+    still restore, and a SimCLR run does not resume as a SupCon one."""
+    imagenet = pipeline.DatasetInfo("imagenet2012", 1_281_167, 1000, (None, None, 3))
+    fashion_mnist = pipeline.DatasetInfo("fashion_mnist", 60_000, 10, (28, 28, 1))
     mesh = parallel.data_mesh(jax.devices()[:1])
     compatibility = {}
-    for name in ("imagenet_resnet50", "imagenet_resnet50_sk"):
+    for name, info in (
+        ("imagenet_resnet50", imagenet),
+        ("imagenet_resnet50_sk", imagenet),
+        ("fashion_mnist", fashion_mnist),
+        ("fashion_mnist_supcon", fashion_mnist),
+    ):
         config = configs.load(name)
         config.model.conv_impl = "xla"
         compatibility[name] = experiment.Experiment(config, mesh, dataset_info=info).compatibility()
+    assert "objective" not in compatibility["fashion_mnist"]
+    assert compatibility["fashion_mnist_supcon"] == {
+        **compatibility["fashion_mnist"],
+        "objective": "supcon",
+    }
     assert "sk_ratio" not in compatibility["imagenet_resnet50"]
     assert "se_ratio" not in compatibility["imagenet_resnet50"]
     assert compatibility["imagenet_resnet50_sk"]["sk_ratio"] == 0.0625

@@ -117,7 +117,7 @@ def test_bad_inputs_are_clear_errors():
         losses.supcon(z, jnp.zeros(3, jnp.int32), 0.5)  # one label per image, not per row
     with pytest.raises(ValueError, match="labels must be integers"):
         losses.supcon(z, jnp.zeros(6, jnp.float32), 0.5)
-    with pytest.raises(ValueError, match="even number"):
+    with pytest.raises(ValueError, match="2·N rows"):
         losses.supcon(z[:5], jnp.zeros(5, jnp.int32), 0.5)
     with pytest.raises(ValueError, match="temperature must be positive"):
         losses.supcon(z, jnp.zeros(6, jnp.int32), 0.0)
