@@ -129,6 +129,25 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evaluation.retrieval_queries": _AT_LEAST_1,
     "evaluation.retrieval_k": _AT_LEAST_1,
     "evaluation.view_pairs": _AT_LEAST_1,
+    "distillation.label_fraction": (_fraction, "in (0, 1]"),
+    "distillation.teacher_epochs": _POSITIVE,
+    "distillation.teacher_batch_size": _AT_LEAST_1,
+    "distillation.teacher_base_learning_rate": _POSITIVE,
+    "distillation.teacher_head_layers": _AT_LEAST_0,
+    "distillation.temperature": _POSITIVE,
+    "distillation.alpha": _PROBABILITY,
+    "distillation.student_depth": (
+        lambda v: v == 0 or v in DEPTHS,
+        f"0 (the teacher's) or one of {', '.join(map(str, DEPTHS))}",
+    ),
+    "distillation.student_width_multiplier": (
+        _non_negative,
+        "a finite number of at least 0 (0 = the teacher's)",
+    ),
+    "distillation.student_base_width": _AT_LEAST_0,
+    "distillation.epochs": _POSITIVE,
+    "distillation.batch_size": _AT_LEAST_1,
+    "distillation.base_learning_rate": _POSITIVE,
 }
 
 

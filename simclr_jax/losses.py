@@ -1,4 +1,5 @@
-"""The contrastive losses (SimCLR's NT-Xent, supervised SupCon) and the metrics logged with them.
+"""The contrastive losses (SimCLR's NT-Xent, supervised SupCon), the metrics logged with them, and
+SimCLRv2's distillation loss (:func:`distillation_loss`, on class logits instead of projections).
 
 Every function takes the projections ``z`` of a whole batch, shape ``[2N, d]``, with the two views
 of image ``k`` on rows ``2k`` and ``2k + 1``: for NT-Xent the positive of row ``i`` is row
@@ -321,3 +322,35 @@ def multi_crop_nt_xent(z: jax.Array, temperature: float, num_small_crops: int) -
     log_normaliser = jax.nn.logsumexp(logits, axis=-1, where=positive | ~same_image)
     positive_logits = jnp.sum(jnp.where(positive, logits, 0.0), axis=-1) / positive.sum(axis=-1)
     return jnp.mean(log_normaliser - positive_logits)
+
+
+def distillation_loss(
+    student_logits: jax.Array, teacher_logits: jax.Array, temperature: float
+) -> jax.Array:
+    """SimCLRv2's distillation loss (Chen et al. 2020, §3), the mean over the batch of
+    ``-sum_y P_T(y|x; τ) log P_S(y|x; τ)`` with ``P(y|x; τ) = softmax(logits / τ)``.
+
+    The teacher's probabilities are soft targets: no gradient flows into ``teacher_logits``.
+    Computed in float32 with ``log_softmax`` (stable for large logits or small τ); it is smallest,
+    with zero gradient, where the student's logits equal the teacher's up to a constant per row.
+
+    Args:
+      student_logits: ``[N, C]``, any float dtype.
+      teacher_logits: ``[N, C]``, any float dtype.
+      temperature: τ > 0 (the paper uses 1).
+
+    Returns:
+      A float32 scalar.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
+        raise ValueError(
+            f"student and teacher logits must both be [N, C], got {student_logits.shape} and "
+            f"{teacher_logits.shape}."
+        )
+    if isinstance(temperature, int | float) and temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    targets = jax.nn.softmax(
+        jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature, axis=-1
+    )
+    log_probs = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    return -jnp.mean(jnp.sum(targets * log_probs, axis=-1))

@@ -56,6 +56,12 @@ from simclr_jax.configs import tiny
         ("evaluation.knn_temperature", 0.0),
         ("evaluation.finetune.fractions", (0.0, 1.0)),
         ("evaluation.linear_sgd.epochs", -1.0),
+        ("distillation.label_fraction", 0.0),
+        ("distillation.label_fraction", 1.5),
+        ("distillation.temperature", 0.0),
+        ("distillation.alpha", 1.5),
+        ("distillation.student_depth", 19),
+        ("distillation.batch_size", 0),
     ],
 )
 def test_a_value_out_of_range_is_one_line_naming_the_field_and_value(field, value):

@@ -143,4 +143,27 @@ def get_config() -> ml_collections.ConfigDict:
     config.evaluation.retrieval_k = 8  # train neighbours shown per query
     config.evaluation.view_pairs = 16  # augmented view pairs in the augmentation grid
 
+    # --- Distillation (SimCLRv2 §3): python -m simclr_jax.distill ----------------------------
+    # A teacher, the run's network fine-tuned on a class-balanced fraction of probe_train_split's
+    # labels, gives soft targets softmax(logits / τ) on every image of that split; a student
+    # trained from random init learns them (README, "Distillation (SimCLRv2)").
+    config.distillation = ml_collections.ConfigDict()
+    config.distillation.label_fraction = 0.01  # of each class's labels, for the teacher
+    config.distillation.teacher_epochs = 60.0  # fine-tuning passes over those labels (paper 60)
+    config.distillation.teacher_batch_size = 4096  # global batch
+    config.distillation.teacher_base_learning_rate = 0.05  # lr = base·B/256, cosine, no wd
+    config.distillation.teacher_head_layers = 0  # projection-head layers kept (as finetune's)
+    config.distillation.temperature = 1.0  # τ of teacher and student softmax (paper: 1)
+    # Weight of the distillation term; 1 - alpha weighs the cross-entropy on the teacher's
+    # labelled examples (the other images have none). Paper: 1 (distillation alone) with few labels.
+    config.distillation.alpha = 1.0
+    # The student, a ResNet with a linear classifier on h, trained from random init: 0 = as the
+    # teacher (self-distillation); e.g. student_depth = 18 for a smaller network.
+    config.distillation.student_depth = 0
+    config.distillation.student_width_multiplier = 0.0
+    config.distillation.student_base_width = 0
+    config.distillation.epochs = 100.0  # student passes over the whole split
+    config.distillation.batch_size = 4096  # global batch
+    config.distillation.base_learning_rate = 0.1  # lr = base·B/256, Nesterov SGD, cosine, no wd
+
     return config

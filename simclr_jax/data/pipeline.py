@@ -285,6 +285,7 @@ def labelled_batches(
     host_batch_size: int,
     image_size: int,
     seed: int,
+    labelled: np.ndarray | None = None,
     data_dir: str | None = None,
     dataset_dir: str | None = None,
     process_index: int | None = None,
@@ -293,9 +294,11 @@ def labelled_batches(
     """Endless ``{"image": float32 [b, S, S, C], "label": int32 [b]}`` of a labelled subset.
 
     For supervised training on the examples at ``indices`` of the split (label budgets, fine-
-    tuning): each image is augmented with random crop + resize and flip
+    tuning, distillation): each image is augmented with random crop + resize and flip
     (:func:`augment.linear_eval_augment`), seeded by its position in the stream. Each process
     takes its own share of the subset and reshuffles it every epoch (buffer = the whole share).
+    With ``labelled`` (positions in the split), only those examples keep their label; the others
+    are labelled -1 (``UNLABELLED``), as a distillation student's unlabelled images are.
     """
     if host_batch_size <= 0:
         raise ValueError(f"host_batch_size must be positive, got {host_batch_size}")
@@ -306,7 +309,16 @@ def labelled_batches(
     share = len(np.unique(indices)[process_index::process_count])
     if share == 0:
         raise ValueError(f"{len(indices)} examples cannot feed {process_count} processes.")
-    records = _records_at(source, indices).shard(process_count, process_index).cache()
+    records = _records_at(source, indices)
+    if labelled is not None:
+        keep = tf.data.Dataset.from_tensor_slices(np.isin(np.unique(indices), labelled))
+
+        def drop_label(record: dict[str, tf.Tensor], kept: tf.Tensor) -> dict[str, tf.Tensor]:
+            unlabelled = tf.cast(UNLABELLED, record["label"].dtype)
+            return {**record, "label": tf.where(kept, record["label"], unlabelled)}
+
+        records = tf.data.Dataset.zip((records, keep)).map(drop_label)
+    records = records.shard(process_count, process_index).cache()
     key = tf.random.experimental.stateless_fold_in(tf.constant([0, seed], tf.int64), process_index)
     augment_key = tf.random.experimental.stateless_fold_in(key, _AUGMENT_STREAM)
 

@@ -74,8 +74,11 @@ class Run:
     def test(self) -> dict[str, np.ndarray]:
         return self.features(self.config.eval_split)
 
-    def labelled_batches(self, indices: np.ndarray, batch_size: int, seed: int):
-        """Crop+flip batches of the probe-train examples at ``indices`` (this process's part)."""
+    def labelled_batches(
+        self, indices: np.ndarray, batch_size: int, seed: int, labelled: np.ndarray | None = None
+    ):
+        """Crop+flip batches of the probe-train examples at ``indices`` (this process's part);
+        with ``labelled``, only the examples at those positions keep their labels (others -1)."""
         return pipeline.labelled_batches(
             self.config.dataset,
             self.config.probe_train_split,
@@ -83,6 +86,7 @@ class Run:
             host_batch_size=batch_size // jax.process_count(),
             image_size=self.experiment.image_size,
             seed=seed,
+            labelled=labelled,
             **self.experiment.data_kwargs,
         )
 
@@ -114,7 +118,7 @@ def linear(run: Run) -> dict[str, Any]:
     lbfgs = _logistic_regression(run, run.train, run.test)
     settings = run.config.evaluation.linear_sgd
     indices = subsets.fraction_subset(run.train_labels, 1.0, run.config.evaluation.seed)
-    sgd = _train_classifier(
+    sgd, _ = train_classifier(
         run,
         indices,
         epochs=settings.epochs,
@@ -190,7 +194,7 @@ def finetune(run: Run) -> dict[str, Any]:
     for fraction, epochs in zip(settings.fractions, settings.epochs, strict=True):
         indices = subsets.fraction_subset(run.train_labels, fraction, run.config.evaluation.seed)
         train = functools.partial(
-            _train_classifier,
+            train_classifier,
             run,
             indices,
             epochs=epochs,
@@ -199,14 +203,14 @@ def finetune(run: Run) -> dict[str, Any]:
             frozen_encoder=False,
             head_layers=settings.head_layers,
         )
-        entry = {"num_labels": len(indices), "pretrained": train(pretrained=True)}
+        entry = {"num_labels": len(indices), "pretrained": train(pretrained=True)[0]}
         if settings.from_scratch:
-            entry["scratch"] = train(pretrained=False)
+            entry["scratch"] = train(pretrained=False)[0]
         results[f"{fraction:g}"] = entry
     return results
 
 
-def _train_classifier(
+def train_classifier(
     run: Run,
     indices: np.ndarray,
     *,
@@ -216,8 +220,13 @@ def _train_classifier(
     frozen_encoder: bool,
     head_layers: int,
     pretrained: bool,
-) -> dict[str, Any]:
-    """Trains a :class:`supervised.Classifier` on the examples at ``indices`` and scores it."""
+) -> tuple[dict[str, Any], step.TrainState]:
+    """Trains a :class:`supervised.Classifier` on the examples at ``indices`` of the probe-train
+    split (crop+flip, Nesterov SGD, cosine decay) and scores it on the eval split.
+
+    The classifier sits on the run's encoder and first ``head_layers`` projection-head layers,
+    which start from the run's values (``pretrained``) or at random. Returns ``{"top1", "top5",
+    "train_loss", "steps", "seconds"}`` and the trained state (a fine-tuned teacher, say)."""
     parallel.check_global_batch_size(batch_size, run.mesh, "evaluation batch size")
     seed = run.config.evaluation.seed
     steps = supervised.num_steps(len(indices), epochs, batch_size)
@@ -237,14 +246,14 @@ def _train_classifier(
         pretrained=variables if pretrained else None,
     )
     started = time.perf_counter()
-    result = supervised.train_and_score(
+    result, state = supervised.train_and_score(
         state,
         run.labelled_batches(indices, batch_size, seed),
         steps,
         run.experiment.eval_batches(run.config.eval_split),
         run.mesh,
     )
-    return {**result, "steps": steps, "seconds": time.perf_counter() - started}
+    return {**result, "steps": steps, "seconds": time.perf_counter() - started}, state
 
 
 def export(run: Run) -> dict[str, Any]:

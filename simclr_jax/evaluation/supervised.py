@@ -154,27 +154,46 @@ def cosine_learning_rate(base: float, batch_size: int, steps: int) -> optax.Sche
     return optax.cosine_decay_schedule(base * batch_size / 256, decay_steps=steps)
 
 
+def train(
+    state: step.TrainState,
+    train_batches: Iterator[dict[str, np.ndarray]],
+    steps: int,
+    mesh: Mesh,
+) -> tuple[step.TrainState, dict[str, jax.Array]]:
+    """Trains ``state`` for ``steps`` batches of ``train_batches`` (process-local ``{"image",
+    "label"}``); returns the trained state (replicated on ``mesh``) and the last step's
+    ``{"loss", "accuracy"}``."""
+    state = jax.device_put(state, parallel.replicated(mesh))
+    train_step_fn = _jit_train_step(mesh)
+    metrics = {}
+    for _ in range(steps):
+        state, metrics = train_step_fn(
+            state, parallel.host_batch_to_global(next(train_batches), mesh)
+        )
+    return state, metrics
+
+
+def score(
+    state: step.TrainState, eval_batches: Iterable[dict[str, np.ndarray]], mesh: Mesh
+) -> dict[str, float]:
+    """The classifier's ``{"top1", "top5" (>= 5 classes)}`` on ``eval_batches`` (one pass)."""
+    logits = feature_extraction.extract_features(
+        _jit_logits(mesh), state, eval_batches, mesh, ("logits",)
+    )
+    result = {"top1": float(top_k_accuracy(logits["logits"], logits["label"], 1))}
+    if logits["logits"].shape[-1] >= 5:
+        result["top5"] = float(top_k_accuracy(logits["logits"], logits["label"], 5))
+    return result
+
+
 def train_and_score(
     state: step.TrainState,
     train_batches: Iterator[dict[str, np.ndarray]],
     steps: int,
     eval_batches: Iterable[dict[str, np.ndarray]],
     mesh: Mesh,
-) -> dict[str, float]:
-    """Trains ``state`` for ``steps`` batches of ``train_batches`` (process-local ``{"image",
-    "label"}``), then scores the eval split: ``{"top1", "top5" (>= 5 classes), "train_loss"}``."""
-    state = jax.device_put(state, parallel.replicated(mesh))
-    train = _jit_train_step(mesh)
-    metrics = {}
-    for _ in range(steps):
-        state, metrics = train(state, parallel.host_batch_to_global(next(train_batches), mesh))
-    logits = feature_extraction.extract_features(
-        _jit_logits(mesh), state, eval_batches, mesh, ("logits",)
-    )
-    result = {
-        "top1": float(top_k_accuracy(logits["logits"], logits["label"], 1)),
-        "train_loss": float(metrics["loss"]),
-    }
-    if logits["logits"].shape[-1] >= 5:
-        result["top5"] = float(top_k_accuracy(logits["logits"], logits["label"], 5))
-    return result
+) -> tuple[dict[str, float], step.TrainState]:
+    """:func:`train`, then :func:`score` on the eval split: ``{"top1", "top5" (>= 5 classes),
+    "train_loss"}``, and the trained state."""
+    state, metrics = train(state, train_batches, steps, mesh)
+    return {**score(state, eval_batches, mesh), "train_loss": float(metrics["loss"])}, state
