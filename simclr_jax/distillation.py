@@ -275,10 +275,6 @@ def distill(
     return results
 
 
-def _percent(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.1f}%"
-
-
 def results_table(results: dict[str, Any]) -> str:
     """Teacher and student side by side (top-1, top-5, what each trained on), then the time."""
     model = results["student"]["model"]
@@ -286,23 +282,17 @@ def results_table(results: dict[str, Any]) -> str:
         ("network", "top-1", "top-5", "trained on", "steps"),
         (
             "teacher (fine-tuned)",
-            _percent(results["teacher"]["top1"]),
-            _percent(results["teacher"].get("top5")),
+            reporting.percent(results["teacher"]["top1"]),
+            reporting.percent(results["teacher"].get("top5")),
             f"{results['num_labels']} labels ({results['label_fraction']:.1%})",
             str(results["teacher"]["steps"]),
         ),
         (
             f"student (ResNet-{model['depth']}, from scratch)",
-            _percent(results["student"]["top1"]),
-            _percent(results["student"].get("top5")),
+            reporting.percent(results["student"]["top1"]),
+            reporting.percent(results["student"].get("top5")),
             f"{results['num_images']} images, τ = {results['temperature']:g}",
             str(results["student"]["steps"]),
         ),
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in table
-    ]
-    lines.append(f"{reporting.format_duration(results['seconds'])} in all")
-    return "\n".join(lines)
+    return f"{reporting.text_table(table)}\n{reporting.format_duration(results['seconds'])} in all"

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import jax
@@ -124,8 +125,18 @@ class MetricsLog:
             self._summary.close()
 
 
-def _percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """An accuracy (a fraction) as a table cell: ``0.8775`` is ``"87.8%"``, None is empty."""
     return "" if value is None else f"{100 * value:.1f}%"
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells, the first a header, as plain text: columns padded to their widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -151,18 +162,12 @@ def results_table(results: dict[str, Any]) -> str:
     ]
     table = [("top-1", "encoder", "raw pixels", "random encoder")]
     table += [
-        (label, *(_percent(results.get(key)) if key else "" for key in keys))
+        (label, *(percent(results.get(key)) if key else "" for key in keys))
         for label, *keys in rows
         if keys[0] in results
     ]
     used = [i for i in range(4) if i < 2 or any(row[i] for row in table[1:])]
-    lines = []
-    if len(table) > 1:
-        widths = [max(len(row[i]) for row in table) for i in used]
-        lines = [
-            "  ".join(row[i].ljust(w) for i, w in zip(used, widths, strict=True)).rstrip()
-            for row in table
-        ]
+    lines = [text_table([[row[i] for i in used] for row in table])] if len(table) > 1 else []
     lines.append(
         f"{results['steps']} steps ({results['epochs']:.2f} epochs), pretraining "
         f"{format_duration(results['train_time_s'])} at {results['views_per_s']:.0f} views/s, "

@@ -23,9 +23,11 @@ def test_every_recipe_is_listed():
     assert "fashion_mnist_multicrop" in configs.names()
 
 
-def test_multi_crop_recipe_is_fashion_mnist_plus_small_crops():
+def test_multi_crop_recipe_is_fashion_mnist_plus_small_crops_for_the_same_time():
     recipe, base = configs.load("fashion_mnist_multicrop"), configs.load("fashion_mnist")
     assert recipe.augment.num_small_crops == 4 and base.augment.num_small_crops == 0
+    assert (recipe.epochs, base.epochs) == (2.5, 4)
+    del recipe.epochs, base.epochs
     augment_config = experiment.augment_config(recipe, recipe.image_size)
     assert (augment_config.num_small_crops, augment_config.small_crop_size) == (4, 14)
     assert augment_config.small_crop_area_range == (0.05, 0.14)

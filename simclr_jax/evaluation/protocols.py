@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from simclr_jax import encoder as encoder_lib
 from simclr_jax import experiment as experiment_lib
-from simclr_jax import parallel, plots, step, visualize
+from simclr_jax import parallel, plots, reporting, step, visualize
 from simclr_jax.data import pipeline
 from simclr_jax.evaluation import knn, linear_probe, subsets, supervised
 from simclr_jax.evaluation.features import extract_features
@@ -407,8 +407,8 @@ PROTOCOLS: dict[str, Callable[[Run], dict[str, Any]]] = {
 }
 
 
-def _percent(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.1f}%"
+def _top1_top5(entry: dict[str, Any]) -> tuple[str, str]:
+    return reporting.percent(entry["top1"]), reporting.percent(entry.get("top5"))
 
 
 def summary_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
@@ -416,33 +416,19 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str
     rows = []
     if "linear" in results:
         for name, label in (("lbfgs", "logistic regression (L-BFGS)"), ("sgd", "SGD, crop+flip")):
-            entry = results["linear"][name]
-            rows.append(("linear", label, _percent(entry["top1"]), _percent(entry.get("top5"))))
+            rows.append(("linear", label, *_top1_top5(results["linear"][name])))
     for name, accuracy in results.get("knn", {}).items():
-        rows.append(("knn", name, _percent(accuracy), ""))
+        rows.append(("knn", name, reporting.percent(accuracy), ""))
     for n, entry in results.get("label_budget", {}).items():
-        rows.append(
-            ("label_budget", f"{n}/class", _percent(entry["top1"]), _percent(entry.get("top5")))
-        )
+        rows.append(("label_budget", f"{n}/class", *_top1_top5(entry)))
     for fraction, entry in results.get("finetune", {}).items():
         for start in ("pretrained", "scratch"):
             if start in entry:
-                rows.append(
-                    (
-                        "finetune",
-                        f"{float(fraction):.0%} labels, {start}",
-                        _percent(entry[start]["top1"]),
-                        _percent(entry[start].get("top5")),
-                    )
-                )
+                setting = f"{float(fraction):.0%} labels, {start}"
+                rows.append(("finetune", setting, *_top1_top5(entry[start])))
     return rows
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:
     """A plain-text table with a header, columns padded to their widest cell."""
-    table = [("protocol", "setting", "top-1", "top-5"), *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in table
-    )
+    return reporting.text_table([("protocol", "setting", "top-1", "top-5"), *rows])
