@@ -180,14 +180,22 @@ class Experiment:
             "num_classes": self.num_classes,
             "optimizer": self.config.optimizer,
         }
-        if self.config.objective != "nt_xent":  # as the ratios: SimCLR's checkpoints stay valid
-            compatibility["objective"] = self.config.objective
         if self.hybrid is not None:  # recorded only when on: plain checkpoints stay compatible
             hybrid = self.config.hybrid
             compatibility["hybrid_decoder"] = hybrid.decoder
             compatibility["hybrid_decoder_channels"] = hybrid.decoder_channels
             if hybrid.decoder == "vae":
                 compatibility["hybrid_latent_dim"] = hybrid.latent_dim
+        return compatibility
+
+    def resume_compatibility(self) -> dict[str, Any]:
+        """What a checkpoint must share with this run for training to resume from it:
+        :meth:`compatibility` and a loss other than NT-Xent (recorded only then, as the ratios
+        are, so SimCLR's checkpoints stay valid), so that a run does not continue under another
+        objective. Evaluation needs the parameters only: :meth:`compatibility`."""
+        compatibility = self.compatibility()
+        if self.config.objective != "nt_xent":
+            compatibility["objective"] = self.config.objective
         return compatibility
 
     def initial_state(self, seed: int) -> step.TrainState:

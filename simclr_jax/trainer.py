@@ -201,7 +201,7 @@ def _train(
                 _log_step(done, metrics, log, waits, checkpointer)
             should_save = at_save_step or is_last or stop
             if should_save:
-                _save(checkpointer, done, state, experiment.compatibility())
+                _save(checkpointer, done, state, experiment.resume_compatibility())
             if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and not is_last:
                 evaluated = protocols.monitor(protocols.Run(experiment, state))
                 log.write(done, {f"eval_{name}": value for name, value in evaluated.items()})
@@ -291,7 +291,7 @@ def _locked_train_and_evaluate(
         _write_json(os.path.join(workdir, "config.json"), config.to_dict())
         state = jax.device_put(experiment.initial_state(config.seed), parallel.replicated(mesh))
         if checkpointer.latest_step() is not None:
-            state, _ = checkpointer.restore(state, compatibility=experiment.compatibility())
+            state, _ = checkpointer.restore(state, compatibility=experiment.resume_compatibility())
             print(f"resumed from step {int(state.step)} in {checkpointer.directory}", flush=True)
         log = reporting.MetricsLog(
             workdir,

@@ -111,9 +111,10 @@ def test_the_sk_recipe_builds_simclrv2s_encoder():
 
 
 def test_checkpoints_record_sk_se_and_the_objective_only_when_not_simclrs():
-    """A checkpoint must match the run's ``compatibility()``; the ratios and the objective enter
-    it only when they differ from SimCLR's, so checkpoints written before these fields existed
-    still restore, and a SimCLR run does not resume as a SupCon one."""
+    """A checkpoint must match the run's ``compatibility()`` (``resume_compatibility()`` to resume
+    training); the ratios and the objective enter them only when they differ from SimCLR's, so
+    checkpoints written before these fields existed still restore, and a SimCLR run does not
+    resume as a SupCon one."""
     imagenet = pipeline.DatasetInfo("imagenet2012", 1_281_167, 1000, (None, None, 3))
     fashion_mnist = pipeline.DatasetInfo("fashion_mnist", 60_000, 10, (28, 28, 1))
     mesh = parallel.data_mesh(jax.devices()[:1])
@@ -126,9 +127,13 @@ def test_checkpoints_record_sk_se_and_the_objective_only_when_not_simclrs():
     ):
         config = configs.load(name)
         config.model.conv_impl = "xla"
-        compatibility[name] = experiment.Experiment(config, mesh, dataset_info=info).compatibility()
-    assert "objective" not in compatibility["fashion_mnist"]
-    assert compatibility["fashion_mnist_supcon"] == {
+        run = experiment.Experiment(config, mesh, dataset_info=info)
+        compatibility[name] = run.compatibility()
+        compatibility[f"{name} resumed"] = run.resume_compatibility()
+    # Evaluation needs the parameters only; resuming also needs the same loss.
+    assert compatibility["fashion_mnist_supcon"] == compatibility["fashion_mnist"]
+    assert compatibility["fashion_mnist resumed"] == compatibility["fashion_mnist"]
+    assert compatibility["fashion_mnist_supcon resumed"] == {
         **compatibility["fashion_mnist"],
         "objective": "supcon",
     }

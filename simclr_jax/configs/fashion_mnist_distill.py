@@ -7,9 +7,10 @@ and evaluation settings come from the teacher's run.
 Run:   python -m simclr_jax.distill --teacher_workdir=workdirs/fashion_mnist \\
          --workdir=workdirs/distill_1pct
 10%:   ... --workdir=workdirs/distill_10pct --config.distillation.label_fraction=0.1 \\
-         --config.distillation.teacher_epochs=3
-Expect: about 7 minutes for each on 2 cores (the student's 703 steps are most of it); the
-README's "Distillation (SimCLRv2)" section gives the accuracies.
+         --config.distillation.teacher_epochs=10
+Expect (test split, teacher: the fashion_mnist run of seed 0): teacher 79.3%, student 79.1% at
+1%; teacher 85.5%, student 80.7% at 10% (README, "Distillation (SimCLRv2)"). About 7 minutes
+each on 2 cores; the student's 703 steps are most of it.
 """
 
 from simclr_jax.configs import fashion_mnist
@@ -19,10 +20,13 @@ def get_config():
     config = fashion_mnist.get_config()
     distillation = config.distillation
     distillation.label_fraction = 0.01
-    distillation.teacher_epochs = 10.0  # as the fashion_mnist recipe's finetune protocol at 1%
+    # Chosen on the validation split (README, Distillation): 30 epochs at base lr 0.2 gave the
+    # 1% teacher 79.4% where 10 epochs at 0.05 gave 69.2%, and τ = 0.2 gave its student 67.9%
+    # where τ = 1 gave 60.1% (this teacher's soft targets are nearly flat at τ = 1).
+    distillation.teacher_epochs = 30.0
     distillation.teacher_batch_size = 256
-    distillation.teacher_base_learning_rate = 0.05
-    distillation.temperature = 1.0
+    distillation.teacher_base_learning_rate = 0.2
+    distillation.temperature = 0.2
     distillation.alpha = 1.0
     distillation.student_depth = 0  # the teacher's ResNet-18, base width 16: self-distillation
     distillation.epochs = 3.0
