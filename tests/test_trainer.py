@@ -133,8 +133,12 @@ def test_checkpoint_of_an_incompatible_config_is_refused(config, tmp_path):
     results = trainer.train_and_evaluate(config, str(tmp_path))
     assert results["steps"] == 4 and results["views_per_s"] > 0
     assert not any(key.endswith("_top1") for key in results)
-    config.model.base_width = 8
+    width, config.model.base_width = config.model.base_width, 8
     with pytest.raises(checkpointing.CheckpointError, match="base_width"):
+        trainer.train_and_evaluate(config, str(tmp_path))
+    # The same parameters under another loss: training does not resume (evaluation would).
+    config.model.base_width, config.objective = width, "supcon"
+    with pytest.raises(checkpointing.CheckpointError, match="objective"):
         trainer.train_and_evaluate(config, str(tmp_path))
 
 
