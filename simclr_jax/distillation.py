@@ -53,12 +53,7 @@ def distillation_step(
     )
 
     def loss_fn(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
-            train=True,
-            mutable=["batch_stats"],
-        )
+        logits, batch_stats = step.apply_in_training(state, params, batch["image"])
         distillation = losses.distillation_loss(logits, teacher_logits, temperature)
         cross_entropy, _ = step.probe_loss_and_accuracy(logits, batch["label"])
         loss = alpha * distillation + (1 - alpha) * cross_entropy
@@ -68,7 +63,7 @@ def distillation_step(
             "distillation_loss": distillation,
             "teacher_agreement": agreement.astype(jnp.float32),
         }
-        return loss, (updates["batch_stats"], metrics)
+        return loss, (batch_stats, metrics)
 
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
     return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics

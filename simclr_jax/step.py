@@ -77,17 +77,23 @@ def probe_loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.A
     return (cross_entropy * labelled).sum() / count, (correct & labelled).sum() / count
 
 
-def _apply_in_training(
-    state: TrainState, params: Any, images: jax.Array, key: jax.Array
-) -> tuple[dict[str, jax.Array], Any]:
-    """The model on ``images`` in training mode: its outputs and the updated batch statistics.
-    ``key`` feeds the ``dropout`` stream and, folded, the ``sample`` stream."""
+def apply_in_training(
+    state: TrainState, params: Any, images: jax.Array, key: jax.Array | None = None
+) -> tuple[Any, Any]:
+    """``state``'s model with ``params`` on ``images`` in training mode: its outputs and the
+    updated batch statistics. ``key`` (when given) feeds the ``dropout`` stream and, folded, the
+    ``sample`` stream."""
+    rngs = (
+        {}
+        if key is None
+        else {"dropout": key, SAMPLE_RNG: jax.random.fold_in(key, _SAMPLE_KEY_FOLD)}
+    )
     outputs, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats},
         images,
         train=True,
         mutable=["batch_stats"],
-        rngs={"dropout": key, SAMPLE_RNG: jax.random.fold_in(key, _SAMPLE_KEY_FOLD)},
+        rngs=rngs,
     )
     return outputs, updates["batch_stats"]
 
@@ -119,7 +125,7 @@ def loss_and_gradients(
     labels = jnp.repeat(batch["label"], 2)
 
     def loss_fn(params):
-        outputs, batch_stats = _apply_in_training(state, params, images, key)
+        outputs, batch_stats = apply_in_training(state, params, images, key)
         if "small_views" in batch:
             contrastive_loss = multi_crop_loss(state, params, outputs["z"], batch, key, temperature)
         else:
@@ -165,7 +171,7 @@ def multi_crop_loss(
     evaluated at. Every metric other than the loss is computed on the large views only.
     """
     small_views = batch["small_views"]
-    small_outputs, _ = _apply_in_training(state, params, flatten_views(small_views), key)
+    small_outputs, _ = apply_in_training(state, params, flatten_views(small_views), key)
     z = jnp.concatenate([z, small_outputs["z"].astype(z.dtype)])
     return losses.multi_crop_nt_xent(z, temperature, small_views.shape[1])
 

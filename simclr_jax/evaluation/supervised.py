@@ -102,14 +102,9 @@ def train_step(state: step.TrainState, batch: dict[str, jax.Array]):
     """One SGD step on the mean cross-entropy of a ``{"image", "label"}`` batch."""
 
     def loss_fn(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
-            train=True,
-            mutable=["batch_stats"],
-        )
+        logits, batch_stats = step.apply_in_training(state, params, batch["image"])
         loss, accuracy = step.probe_loss_and_accuracy(logits, batch["label"])
-        return loss, (updates["batch_stats"], accuracy)
+        return loss, (batch_stats, accuracy)
 
     (loss, (batch_stats, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
