@@ -12,7 +12,6 @@ cross-entropy on the teacher's labelled examples. ``config.distillation`` holds 
 ``python -m simclr_jax.distill`` is the command line.
 """
 
-import contextlib
 import functools
 import os
 import time
@@ -143,13 +142,6 @@ def train_student(
     return state, {name: float(value) for name, value in metrics.items()}
 
 
-@contextlib.contextmanager
-def _hold(workdir: str) -> Iterator[None]:
-    """The workdir's lock, taken by the first process (the one that writes)."""
-    with workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-        yield
-
-
 def distill(
     teacher_workdir: str,
     workdir: str,
@@ -194,7 +186,7 @@ def distill(
     student_model = student_config(config).model
     run = protocols.Run(experiment, state)
     seed = config.evaluation.seed
-    with _hold(workdir):
+    with workdir_lock.hold_on_first_process(workdir):
         if jax.process_index() == 0:
             jsonio.write_json(os.path.join(workdir, "config.json"), config.to_dict())
             print(

@@ -123,29 +123,6 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
         jsonio.write_json(path, payload)
 
 
-@contextlib.contextmanager
-def _workdir_lock(workdir: str) -> Iterator[None]:
-    """Holds the workdir's lock for the block, taken by the first process only; when it cannot
-    (another run holds it, or any other failure), every process raises: the first its error, the
-    others :class:`~simclr_jax.workdir_lock.WorkdirError`."""
-    with contextlib.ExitStack() as stack:
-        refusal: Exception | None = None
-        if jax.process_index() == 0:
-            try:
-                stack.enter_context(workdir_lock.hold(workdir))
-            except Exception as error:  # raised below, once the other processes know
-                refusal = error
-        if jax.process_count() > 1:
-            refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
-            if refused and refusal is None:
-                refusal = workdir_lock.WorkdirError(
-                    f"the first process cannot lock the workdir {workdir} (it says why)."
-                )
-        if refusal is not None:
-            raise refusal
-        yield
-
-
 def _log_step(
     done: int,
     metrics: step.Metrics,
@@ -270,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     parallel.check_global_batch_size(config.global_batch_size, mesh, "global_batch_size")
     parallel.check_global_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     workdir = os.path.abspath(workdir)
-    with _workdir_lock(workdir):
+    with workdir_lock.hold_on_first_process(workdir):
         return _locked_train_and_evaluate(experiment, workdir, started)
 
 

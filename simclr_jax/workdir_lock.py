@@ -16,6 +16,10 @@ import socket
 import time
 from collections.abc import Iterator
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 LOCK_FILE = "lock"
 # How long hold() retries a lock held by another process: holder() holds it for an instant.
 _RETRY_SECONDS = 1.0
@@ -109,3 +113,26 @@ def holder(workdir: str) -> str | None:
         return None  # the lock was free
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def hold_on_first_process(workdir: str) -> Iterator[None]:
+    """:func:`hold` for a run of one or more JAX processes: the first process takes the lock
+    for the block; when it cannot (another run holds it, or any other failure), every process
+    raises: the first its error, the others :class:`WorkdirError`."""
+    with contextlib.ExitStack() as stack:
+        refusal: Exception | None = None
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(hold(workdir))
+            except Exception as error:  # raised below, once the other processes know
+                refusal = error
+        if jax.process_count() > 1:
+            refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+            if refused and refusal is None:
+                refusal = WorkdirError(
+                    f"the first process cannot lock the workdir {workdir} (it says why)."
+                )
+        if refusal is not None:
+            raise refusal
+        yield
