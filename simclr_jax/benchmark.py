@@ -81,6 +81,7 @@ class StepSetup:
     se_ratio: float = 0.0
     projection_layers: int = 2
     projection_dim: int = 128
+    projection_hidden_dim: int = 0  # 0: the width of h
     dtype: str = "float32"
     conv_impl: str = "auto"
     optimizer: str = "sgd"
@@ -119,6 +120,7 @@ def setup_from_config(
         se_ratio=config.model.se_ratio,
         projection_layers=config.model.projection_layers,
         projection_dim=config.model.projection_dim,
+        projection_hidden_dim=config.model.projection_hidden_dim,
         dtype=config.model.dtype,
         conv_impl=config.model.conv_impl,
         optimizer=config.optimizer,
@@ -151,6 +153,7 @@ def _model(setup: StepSetup, layers: Layers) -> SimCLR:
         num_classes=10,
         projection_layers=setup.projection_layers,
         projection_dim=setup.projection_dim,
+        projection_hidden_dim=setup.projection_hidden_dim or None,
         dtype=jnp.dtype(setup.dtype),
         layers=layers,
     )

@@ -91,6 +91,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.se_ratio": (_non_negative, "a finite number of at least 0 (0 = off)"),
     "model.projection_layers": _AT_LEAST_1,
     "model.projection_dim": _AT_LEAST_1,
+    "model.projection_hidden_dim": _AT_LEAST_0,
     "objective": (lambda v: v in OBJECTIVES, f"one of {', '.join(map(repr, OBJECTIVES))}"),
     "temperature": _POSITIVE,
     "loss_block_size": _AT_LEAST_0,

@@ -65,6 +65,7 @@ def build_model(
         num_classes=num_classes,
         projection_layers=config.model.projection_layers,
         projection_dim=config.model.projection_dim,
+        projection_hidden_dim=config.model.projection_hidden_dim or None,
         dtype=jnp.dtype(config.model.dtype),
         layers=layers,
         reconstruction_head=reconstruction_head(config),
@@ -171,9 +172,11 @@ class Experiment:
         """What a checkpoint must share with this run to be restored into it (how convolutions
         are computed is not part of it: every ``conv_impl`` has the same parameters)."""
         model = {k: v for k, v in self.config.model.to_dict().items() if k != "conv_impl"}
-        for ratio in ("sk_ratio", "se_ratio"):  # recorded only when on, as the hybrid fields are:
-            if not model[ratio]:  # checkpoints written before these fields stay compatible
-                del model[ratio]
+        # Recorded only when on, as the hybrid fields are: checkpoints written before these fields
+        # stay compatible.
+        for field in ("sk_ratio", "se_ratio", "projection_hidden_dim"):
+            if not model[field]:
+                del model[field]
         compatibility = {
             **model,
             "image_shape": list(self.image_shape),

@@ -56,6 +56,15 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> N
     _write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The value a JSON file holds; ValueError naming the file when it is not JSON."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{os.fspath(path)} is not valid JSON ({error}).") from error
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a JSON Lines file; lines that are not JSON objects (such as a last line cut
     off by a crash) are skipped, with one warning naming the file and the lines."""

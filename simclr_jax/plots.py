@@ -52,6 +52,68 @@ def save_training_curves(
     plt.close(figure)
 
 
+def quality_series(
+    records: list[dict[str, float]], results: dict[str, float]
+) -> dict[str, dict[str, object]]:
+    """Accuracy against epochs, one series per end-of-run accuracy that the run's evaluations
+    during training also logged: ``{name: {"epochs": [...], "top1": [...], "raw_pixels":
+    baseline or None}}``, ``name`` in ``linear_probe`` and ``knn_k{k}``. Each series is the
+    ``eval_{name}_top1`` records, then the end-of-run ``{name}_top1`` of ``results``."""
+    knn_names = {key.removesuffix("_top1") for key in results if key.startswith("knn_k")}
+    names = ["linear_probe", *sorted(knn_names, key=lambda name: int(name.removeprefix("knn_k")))]
+    series = {}
+    for name in names:
+        points = [(r["epoch"], r[f"eval_{name}_top1"]) for r in records if f"eval_{name}_top1" in r]
+        if not points or f"{name}_top1" not in results:
+            continue
+        points.append((results["epochs"], results[f"{name}_top1"]))
+        baseline = (
+            "baseline_raw_pixels_top1"
+            if name == "linear_probe"
+            else f"baseline_raw_pixels_{name}_top1"
+        )
+        series[name] = {
+            "epochs": [epoch for epoch, _ in points],
+            "top1": [top1 for _, top1 in points],
+            "raw_pixels": results.get(baseline),
+        }
+    return series
+
+
+def save_quality_vs_time(
+    records: list[dict[str, float]],
+    results: dict[str, float],
+    path: str | os.PathLike,
+    *,
+    dpi: int = 100,
+) -> None:
+    """Writes the accuracies of :func:`quality_series` against epochs, one panel each, with the
+    raw-pixel baseline of the same evaluation as a horizontal line, to the PNG ``path``."""
+    series = quality_series(records, results)
+    if not series:
+        raise ValueError(
+            "no accuracy logged during training: run with eval_every_steps > 0 "
+            "(and eval_linear_probe for the linear probe)."
+        )
+    figure, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 4), dpi=dpi)
+    for axis, (name, points) in zip(np.atleast_1d(axes), series.items(), strict=True):
+        top1 = 100 * np.asarray(points["top1"])
+        axis.plot(points["epochs"], top1, marker="o", label="encoder h")
+        if points["raw_pixels"] is not None:
+            axis.axhline(
+                100 * points["raw_pixels"], color="grey", linestyle="--", label="raw pixels"
+            )
+        title = "linear probe" if name == "linear_probe" else f"kNN k={name.removeprefix('knn_k')}"
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("top-1 (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(os.fspath(path), format="png")
+    plt.close(figure)
+
+
 def embedding_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
     """t-SNE of ``features [n, d]`` (cosine distance, PCA initialisation) -> ``[n, 2]``."""
     from sklearn.manifold import TSNE

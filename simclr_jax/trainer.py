@@ -180,7 +180,8 @@ def _train(
             if should_save:
                 _save(checkpointer, done, state, experiment.resume_compatibility())
             if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and not is_last:
-                evaluated = protocols.monitor(protocols.Run(experiment, state))
+                run = protocols.Run(experiment, state)
+                evaluated = protocols.monitor(run, linear=config.eval_linear_probe)
                 log.write(done, {f"eval_{name}": value for name, value in evaluated.items()})
                 log.start(done)  # evaluation time is not training throughput
                 waits.since_last()  # nor time waiting for data

@@ -137,7 +137,23 @@ def test_checkpoints_record_sk_se_and_the_objective_only_when_not_simclrs():
         **compatibility["fashion_mnist"],
         "objective": "supcon",
     }
+    assert "projection_hidden_dim" not in compatibility["fashion_mnist"]
     assert "sk_ratio" not in compatibility["imagenet_resnet50"]
     assert "se_ratio" not in compatibility["imagenet_resnet50"]
     assert compatibility["imagenet_resnet50_sk"]["sk_ratio"] == 0.0625
     assert "se_ratio" not in compatibility["imagenet_resnet50_sk"]
+
+
+@pytest.mark.parametrize("hidden_dim, expected", [(0, 128), (512, 512)])
+def test_projection_hidden_dim_sets_the_heads_hidden_width(hidden_dim, expected):
+    """0 keeps the official head (hidden width = d of h, 128 for fashion_mnist); a width enters
+    the run's compatibility record, so a checkpoint of the other head is refused."""
+    config = configs.load("fashion_mnist")
+    config.model.conv_impl = "xla"
+    config.model.projection_hidden_dim = hidden_dim
+    info = pipeline.DatasetInfo("fashion_mnist", 60_000, 10, (28, 28, 1))
+    run = experiment.Experiment(config, parallel.data_mesh(jax.devices()[:1]), dataset_info=info)
+    head = run.initial_state(0).params["projection_head"]
+    assert head["dense_0"]["kernel"].shape == (128, expected)
+    assert head["dense_1"]["kernel"].shape == (expected, config.model.projection_dim)
+    assert run.compatibility().get("projection_hidden_dim", 0) == hidden_dim

@@ -40,6 +40,8 @@ def run_dir(fashion_mnist_data_dir, tmp_path_factory):
     config = tiny.get_config()
     config.data_dir = fashion_mnist_data_dir
     config.compute_baselines = False
+    config.eval_every_steps = 4  # and at the end (step 8): two points of quality_vs_time.png
+    config.eval_linear_probe = True
     workdir = tmp_path_factory.mktemp("run")
     trainer.train_and_evaluate(config, str(workdir))
     return workdir
@@ -87,6 +89,7 @@ def test_every_protocol_writes_results_and_pictures(run_dir):
     assert _png_size(eval_dir / "retrieval.png") == (3 * (5 * 18 + 2), 3 * (3 * 18 + 2))
     assert results["export"]["path"] == str(eval_dir / "encoder.msgpack")
     assert _png_size(eval_dir / "training_curves.png") == (1000, 700)
+    assert _png_size(eval_dir / "quality_vs_time.png") == (2 * 450, 400)  # linear probe, kNN k=10
     assert _png_size(eval_dir / "embedding_tsne.png") == (700, 700)
 
     rows = protocols.summary_rows(results)
@@ -205,9 +208,11 @@ def _brute_force_knn(train_x, train_y, test_x, test_y, k, temperature, num_class
 def test_raw_pixel_knn_baseline_equals_a_brute_force_numpy_knn(run_dir):
     config = encoder.read_run_config(str(run_dir))
     config.update_from_flattened_dict({"evaluation.knn_ks": (3, 10)})
+    config.random_encoder_baseline = False
     plan = Experiment(config, parallel.data_mesh())
     run = protocols.Run(plan, encoder.restore_state(plan, str(run_dir)))
     results = protocols.baselines(run)
+    assert "baseline_random_encoder_top1" not in results
 
     def images(split):
         batches = list(plan.eval_batches(split))

@@ -70,3 +70,12 @@ def test_read_jsonl_of_a_whole_file_warns_nothing(tmp_path, caplog):
     jsonio.write_jsonl(path, [{"step": 1}])
     assert jsonio.read_jsonl(path) == [{"step": 1}]
     assert not caplog.records
+
+
+def test_read_json_round_trips_and_names_a_file_that_is_not_json(tmp_path):
+    payload = {"linear_probe_top1": 0.875, "knn_ks": [20, 200], "nested": {"a": None}}
+    jsonio.write_json(tmp_path / "results.json", payload)
+    assert jsonio.read_json(tmp_path / "results.json") == payload
+    (tmp_path / "broken.json").write_text('{"linear_probe_top1": 0.8')
+    with pytest.raises(ValueError, match=r"broken\.json is not valid JSON"):
+        jsonio.read_json(tmp_path / "broken.json")

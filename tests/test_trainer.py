@@ -37,6 +37,7 @@ def _final_params(config, workdir):
 
 def test_tiny_run_writes_checkpoints_metrics_and_results(config, tmp_path):
     config.eval_every_steps = 4
+    config.eval_linear_probe = True
     results = trainer.train_and_evaluate(config, str(tmp_path))
 
     assert results["kernels"] == "subpixel_input_grads"  # a CPU program on 8 (fake) devices
@@ -58,6 +59,7 @@ def test_tiny_run_writes_checkpoints_metrics_and_results(config, tmp_path):
     (eval_record,) = [r for r in records if "loss" not in r]  # every 4 steps, not at the end
     assert eval_record["step"] == 4
     assert 0.0 <= eval_record["eval_knn_k10_top1"] <= 1.0
+    assert 0.0 <= eval_record["eval_linear_probe_top1"] <= 1.0
     assert 0.0 <= eval_record["eval_online_probe_top1"] <= 1.0
     assert json.loads((tmp_path / "config.json").read_text())["model"]["base_width"] == 4
     assert list((tmp_path / "tensorboard").iterdir()), "no TensorBoard event file"

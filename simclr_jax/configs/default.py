@@ -61,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.se_ratio = 0.0
     config.model.projection_layers = 2  # 2 = SimCLR v1, 3 = v2
     config.model.projection_dim = 128
+    # Width of the projection head's hidden layers; 0 = the width of h (the official head).
+    config.model.projection_hidden_dim = 0
     config.model.dtype = "float32"  # computation dtype of convolutions and dense layers
     # "auto": oneDNN's convolutions and the library's fused batch-norm kernels for a
     # single-device CPU program (the onednn extra), else strided convolutions' input gradients
@@ -106,12 +108,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.eval_every_steps = 0  # > 0: weighted kNN + online probe during training as well
+    # With eval_every_steps: the L-BFGS linear probe at each of those evaluations too (a probe
+    # fit per ℓ2 value tried); `python -m simclr_jax.evaluate --protocol=pictures` then draws
+    # quality_vs_time.png.
+    config.eval_linear_probe = False
 
     # --- Evaluation ---------------------------------------------------------------------------
     config.eval_batch_size = 1024
     config.linear_probe_holdout_fraction = 0.1  # part of the train split that picks the ℓ2
     config.linear_probe_patience = 2  # stop the ℓ2 path after this many values without gain
-    config.compute_baselines = True  # raw-pixel and random-encoder linear probes
+    config.compute_baselines = True  # raw-pixel linear probe and kNN, in the same run
+    # With compute_baselines: also the linear probe on a randomly initialised encoder of the same
+    # network (one more forward pass over the probe and eval splits).
+    config.random_encoder_baseline = True
     # At the end of training: the linear probe, the online probe and weighted kNN at each
     # evaluation.knn_ks (the protocols below). False: train only, no accuracies in results.json.
     config.evaluate_at_end = True

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from simclr_jax import encoder as encoder_lib
 from simclr_jax import experiment as experiment_lib
-from simclr_jax import parallel, plots, reporting, step, visualize
+from simclr_jax import jsonio, parallel, plots, reporting, step, visualize
 from simclr_jax.data import pipeline
 from simclr_jax.evaluation import knn, linear_probe, subsets, supervised
 from simclr_jax.evaluation.features import extract_features
@@ -269,6 +269,7 @@ def export(run: Run) -> dict[str, Any]:
 
 PICTURES = {
     "training_curves": "training_curves.png",
+    "quality_vs_time": "quality_vs_time.png",
     "embedding_map": "embedding_tsne.png",
     "augmented_views": "augmented_views.png",
     "retrieval": "retrieval.png",
@@ -276,8 +277,10 @@ PICTURES = {
 
 
 def pictures(run: Run) -> dict[str, Any]:
-    """PNG files in ``WORKDIR/eval``: training curves, t-SNE of test ``h``, augmented view pairs,
-    and test queries with their nearest train neighbours. Returns ``{picture: path}``."""
+    """PNG files in ``WORKDIR/eval``: training curves, accuracy against epochs (for a run that
+    evaluated during training: :func:`simclr_jax.plots.save_quality_vs_time`), t-SNE of test
+    ``h``, augmented view pairs, and test queries with their nearest train neighbours. Returns
+    ``{picture: path}``."""
     settings = run.config.evaluation
     rng = np.random.default_rng(settings.seed)
     paths = {name: os.path.join(run.output_dir, file) for name, file in PICTURES.items()}
@@ -286,10 +289,17 @@ def pictures(run: Run) -> dict[str, Any]:
         return paths  # the first process draws
 
     metrics = os.path.join(run.workdir, "metrics.jsonl")
-    if os.path.isfile(metrics):
-        plots.save_training_curves(plots.read_metrics(metrics), paths["training_curves"])
+    records = plots.read_metrics(metrics) if os.path.isfile(metrics) else []
+    if records:
+        plots.save_training_curves(records, paths["training_curves"])
     else:
         del paths["training_curves"]
+    results_path = os.path.join(run.workdir, "results.json")
+    results = jsonio.read_json(results_path) if os.path.isfile(results_path) else {}
+    if plots.quality_series(records, results):
+        plots.save_quality_vs_time(records, results, paths["quality_vs_time"])
+    else:
+        del paths["quality_vs_time"]
 
     shown = np.sort(rng.choice(len(test["h"]), min(settings.embedding_points, len(test["h"]))))
     points = plots.embedding_2d(test["h"][shown], seed=settings.seed)
@@ -339,27 +349,26 @@ def pictures(run: Run) -> dict[str, Any]:
     return paths
 
 
-def monitor(run: Run) -> dict[str, float]:
-    """The cheap evaluations, for use during training: the online probe's top-1 and weighted kNN
-    (``evaluation.knn_temperature``) at each of ``evaluation.knn_ks``, on the eval split."""
+def monitor(run: Run, *, linear: bool = False) -> dict[str, float]:
+    """The evaluations for use during training, on the eval split: the online probe's top-1,
+    weighted kNN (``evaluation.knn_temperature``) at each of ``evaluation.knn_ks`` and, with
+    ``linear``, the L-BFGS linear probe (``linear_probe_top1``: a fit per ℓ2 value tried)."""
     test = run.test
     results = {
         "online_probe_top1": float(linear_probe.top_k_accuracy(test["logits"], test["label"], 1))
     }
     for k in run.config.evaluation.knn_ks:
         results[f"knn_k{k}_top1"] = _knn(run, k, run.config.evaluation.knn_temperature)
+    if linear:
+        results["linear_probe_top1"] = float(_logistic_regression(run, run.train, test)["top1"])
     return results
 
 
 def baselines(run: Run) -> dict[str, float]:
-    """What the representation must beat: the same L-BFGS probe on raw pixels and on a randomly
-    initialised encoder of the same network, and the same weighted kNN (each of
-    ``evaluation.knn_ks``) on raw pixels."""
+    """What the representation must beat: the same L-BFGS probe and weighted kNN (each of
+    ``evaluation.knn_ks``) on raw pixels and, with ``config.random_encoder_baseline``, the
+    L-BFGS probe on a randomly initialised encoder of the same network."""
     config, mesh = run.config, run.mesh
-    random_state = jax.device_put(
-        run.experiment.initial_state(config.seed + 1), parallel.replicated(mesh)
-    )
-    random_encoder = Run(run.experiment, random_state)
     pixels = jax.jit(
         lambda _, images: {"pixels": images.reshape(images.shape[0], -1)},
         out_shardings=parallel.batch_sharded(mesh),
@@ -370,9 +379,6 @@ def baselines(run: Run) -> dict[str, float]:
 
     raw_train, raw_test = raw_pixels(config.probe_train_split), raw_pixels(config.eval_split)
     results = {
-        "baseline_random_encoder_top1": float(
-            _logistic_regression(random_encoder, random_encoder.train, random_encoder.test)["top1"]
-        ),
         "baseline_raw_pixels_top1": float(
             _logistic_regression(run, raw_train, raw_test, "pixels")["top1"]
         ),
@@ -382,16 +388,21 @@ def baselines(run: Run) -> dict[str, float]:
         results[f"baseline_raw_pixels_knn_k{k}_top1"] = _knn(
             run, k, temperature, raw_train, raw_test, "pixels"
         )
+    if config.random_encoder_baseline:
+        random_state = jax.device_put(
+            run.experiment.initial_state(config.seed + 1), parallel.replicated(mesh)
+        )
+        random_encoder = Run(run.experiment, random_state)
+        results["baseline_random_encoder_top1"] = float(
+            _logistic_regression(random_encoder, random_encoder.train, random_encoder.test)["top1"]
+        )
     return results
 
 
 def end_of_run(run: Run) -> dict[str, float]:
     """What the trainer reports after pretraining: the L-BFGS linear probe on ``h``, the
     :func:`monitor` metrics and, with ``config.compute_baselines``, the :func:`baselines`."""
-    results = {
-        **monitor(run),
-        "linear_probe_top1": float(_logistic_regression(run, run.train, run.test)["top1"]),
-    }
+    results = monitor(run, linear=True)
     if run.config.compute_baselines:
         results.update(baselines(run))
     return results

@@ -57,6 +57,7 @@ def simclr_resnet(
     num_classes: int,
     projection_layers: int = 2,
     projection_dim: int = 128,
+    projection_hidden_dim: int | None = None,
     base_width: int = 64,
     sk_ratio: float = 0.0,
     se_ratio: float = 0.0,
@@ -65,8 +66,8 @@ def simclr_resnet(
     reconstruction_head: nn.Module | None = None,
 ) -> SimCLR:
     """SimCLR with a `ResNet` encoder (computing with `layers`; `sk_ratio` and `se_ratio` > 0 turn
-    on SimCLRv2's selective kernels and squeeze-and-excitation) and the official `ProjectionHead`
-    (hidden width = d)."""
+    on SimCLRv2's selective kernels and squeeze-and-excitation) and a `ProjectionHead` whose
+    hidden layers are `projection_hidden_dim` wide (None: the width d of h, as officially)."""
     return SimCLR(
         encoder=ResNet(
             depth=depth,
@@ -79,7 +80,10 @@ def simclr_resnet(
             layers=layers,
         ),
         projection_head=ProjectionHead(
-            num_layers=projection_layers, output_dim=projection_dim, dtype=dtype
+            num_layers=projection_layers,
+            hidden_dim=projection_hidden_dim,
+            output_dim=projection_dim,
+            dtype=dtype,
         ),
         num_classes=num_classes,
         reconstruction_head=reconstruction_head,
