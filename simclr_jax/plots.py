@@ -23,6 +23,19 @@ CURVE_PANELS = (
 )
 
 
+def _label_panel(axis, title: str, xlabel: str) -> None:
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+
+
+def _save(figure, path: str | os.PathLike) -> None:
+    figure.tight_layout()
+    figure.savefig(os.fspath(path), format="png")
+    plt.close(figure)
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
     """The records of a ``metrics.jsonl`` file, one dict per line (a line cut off by a crash is
     skipped with a warning: :func:`simclr_jax.jsonio.read_jsonl`)."""
@@ -43,13 +56,8 @@ def save_training_curves(
             if points:
                 steps, values = zip(*points, strict=True)
                 axis.plot(steps, values, marker="." if len(points) < 30 else None, label=key)
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(os.fspath(path), format="png")
-    plt.close(figure)
+        _label_panel(axis, title, "step")
+    _save(figure, path)
 
 
 def quality_series(
@@ -104,14 +112,9 @@ def save_quality_vs_time(
                 100 * points["raw_pixels"], color="grey", linestyle="--", label="raw pixels"
             )
         title = "linear probe" if name == "linear_probe" else f"kNN k={name.removeprefix('knn_k')}"
-        axis.set_title(title)
-        axis.set_xlabel("epoch")
+        _label_panel(axis, title, "epoch")
         axis.set_ylabel("top-1 (%)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(os.fspath(path), format="png")
-    plt.close(figure)
+    _save(figure, path)
 
 
 def embedding_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -148,6 +151,4 @@ def save_embedding_map(
     axis.set_xticks([])
     axis.set_yticks([])
     axis.legend(markerscale=3, fontsize="small", loc="best")
-    figure.tight_layout()
-    figure.savefig(os.fspath(path), format="png")
-    plt.close(figure)
+    _save(figure, path)
