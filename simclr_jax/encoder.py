@@ -110,11 +110,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; is {workdir} the workdir of a run?")
-    with open(path) as f:
-        try:
-            stored = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}).") from error
+    stored = jsonio.read_json(path)
     config = default.get_config()
     try:
         config.update_from_flattened_dict(_flatten(stored))
