@@ -11,6 +11,7 @@ from flax import traverse_util
 
 from simclr_jax import benchmark, configs, experiment, optim, parallel
 from simclr_jax.data import pipeline
+from simclr_jax.models import resnet_feature_dim
 
 EXAMPLE_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "my_recipe.py"
 
@@ -20,7 +21,7 @@ def test_every_recipe_is_listed():
         configs.names()
     )
     assert {"stl10_resnet18", "imagenet_resnet50", "imagenet_resnet50_sk"} <= set(configs.names())
-    assert "fashion_mnist_multicrop" in configs.names()
+    assert {"fashion_mnist_multicrop", "fashion_mnist_long"} <= set(configs.names())
 
 
 def test_multi_crop_recipe_is_fashion_mnist_plus_small_crops_for_the_same_time():
@@ -34,6 +35,19 @@ def test_multi_crop_recipe_is_fashion_mnist_plus_small_crops_for_the_same_time()
     for name in ("num_small_crops", "small_crop_size", "small_crop_area"):
         del recipe.augment[name], base.augment[name]
     assert recipe.to_dict() == base.to_dict()
+
+
+def test_long_recipe_is_fashion_mnist_twice_as_wide_for_twice_the_epochs():
+    recipe, base = configs.load("fashion_mnist_long"), configs.load("fashion_mnist")
+    assert (recipe.model.base_width, base.model.base_width) == (32, 16)
+    assert (recipe.epochs, base.epochs) == (8, 4)
+    h_features = {
+        name: resnet_feature_dim(c.model.depth, c.model.width_multiplier, c.model.base_width)
+        for name, c in (("recipe", recipe), ("base", base))
+    }
+    del recipe.model.base_width, base.model.base_width, recipe.epochs, base.epochs
+    assert recipe.to_dict() == base.to_dict()
+    assert h_features == {"recipe": 256, "base": 128}
 
 
 @pytest.mark.parametrize("name", [*configs.names(), str(EXAMPLE_RECIPE)])
