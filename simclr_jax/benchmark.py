@@ -18,7 +18,8 @@ The record names the compiler options the step was compiled with
 The model flags mean what they mean for the PyTorch reference step (``--model resnet18 --width 64
 --image-size 32 --channels 3 --batch 128``: CIFAR stem up to 32 px, a 2-layer projection head,
 τ = 0.5, SGD with momentum), so the two programs can be run side by side. With ``--config`` the
-model, batch, image shape (from the dataset's metadata), dtype, ``conv_impl``, optimiser, objective
+model, batch, image shape (from the dataset's metadata), dtype, ``conv_impl``, ``conv_precision``,
+optimiser, objective
 and multi-crop views come from a recipe, and model flags given explicitly override the recipe's
 values. A recipe also adds the input pipeline's throughput (``input_pairs_per_s``, and
 ``input_headroom``: augmented views the pipeline makes per second over the images the step consumes
@@ -60,7 +61,7 @@ from simclr_jax import (
     timing,
 )
 from simclr_jax.cpu import conv_layers
-from simclr_jax.models import XLA_LAYERS, Layers, SimCLR, simclr_resnet
+from simclr_jax.models import CONV_PRECISIONS, XLA_LAYERS, Layers, SimCLR, simclr_resnet
 
 if TYPE_CHECKING:  # imports TensorFlow: the recipe path imports it late
     from simclr_jax.data import pipeline
@@ -84,6 +85,7 @@ class StepSetup:
     projection_hidden_dim: int = 0  # 0: the width of h
     dtype: str = "float32"
     conv_impl: str = "auto"
+    conv_precision: str = "float32"
     optimizer: str = "sgd"
     temperature: float = 0.5
     objective: str = "nt_xent"
@@ -123,6 +125,7 @@ def setup_from_config(
         projection_hidden_dim=config.model.projection_hidden_dim,
         dtype=config.model.dtype,
         conv_impl=config.model.conv_impl,
+        conv_precision=config.model.conv_precision,
         optimizer=config.optimizer,
         temperature=config.temperature,
         objective=config.objective,
@@ -174,7 +177,7 @@ def benchmark_step(
     image_shape = (setup.image_size, setup.image_size, setup.channels)
     # Any initial values do: RngBitGenerator keys compile far faster than threefry on a CPU.
     init_key = jax.random.key(0, impl="rbg")
-    layers = kernels.for_mesh(setup.conv_impl, mesh)
+    layers = kernels.for_mesh(setup.conv_impl, mesh, setup.conv_precision)
     state = jax.device_put(
         step.create_train_state(_model(setup, layers), tx, init_key, image_shape),
         parallel.replicated(mesh),
@@ -247,7 +250,9 @@ def conv_layer_fields(setup: StepSetup, devices: int) -> dict[str, Any]:
         lambda images: model.init(jax.random.key(0), images, train=False), views
     )
     convolutions = conv_layers.model_convolutions(model.apply, variables, views)
-    layers = kernels.for_mesh(setup.conv_impl, parallel.data_mesh(jax.devices()[:devices]))
+    layers = kernels.for_mesh(
+        setup.conv_impl, parallel.data_mesh(jax.devices()[:devices]), setup.conv_precision
+    )
     return conv_layers.time_convolutions(convolutions, layers, jnp.dtype(setup.dtype))
 
 
@@ -314,6 +319,7 @@ _DEFAULTS = {
     "batch": 128,
     "dtype": "float32",
     "conv_impl": "auto",
+    "conv_precision": "float32",
 }
 # Model flag -> the recipe field it overrides (--model sets the depth).
 _CONFIG_FIELDS = {
@@ -324,6 +330,7 @@ _CONFIG_FIELDS = {
     "batch": ("global_batch_size",),
     "dtype": ("model", "dtype"),
     "conv_impl": ("model", "conv_impl"),
+    "conv_precision": ("model", "conv_precision"),
 }
 
 
@@ -351,6 +358,11 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--batch", type=int, help="images per step, 2 views each [128]")
     model.add_argument("--dtype", choices=("float32", "bfloat16"), help="[float32]")
     model.add_argument("--conv-impl", choices=kernels.CONV_IMPLS, help="[auto]")
+    model.add_argument(
+        "--conv-precision",
+        choices=CONV_PRECISIONS,
+        help="the type convolutions multiply in (model.conv_precision) [float32]",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps [10]")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling [2]")
     parser.add_argument("--devices", type=int, help="time the step on the first N devices [all]")
@@ -430,6 +442,7 @@ def _setup_from_args(args: argparse.Namespace) -> StepSetup:
         stem="cifar" if args.image_size <= 32 else "imagenet",
         dtype=args.dtype,
         conv_impl=args.conv_impl,
+        conv_precision=args.conv_precision,
     )
 
 

@@ -82,7 +82,9 @@ def _local_mesh() -> jax.sharding.Mesh:
 def _local_model(model_config: dict[str, Any], num_classes: int) -> SimCLR:
     """The network ``model_config`` describes, with the kernels chosen for :func:`_local_mesh`."""
     config = ml_collections.ConfigDict(model_config)
-    layers = kernels.for_mesh(config.model.conv_impl, _local_mesh())
+    # Encoders exported before conv_precision existed compute in float32.
+    conv_precision = config.model.get("conv_precision", "float32")
+    layers = kernels.for_mesh(config.model.conv_impl, _local_mesh(), conv_precision)
     return build_model(config, num_classes, layers)
 
 

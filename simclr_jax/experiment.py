@@ -164,14 +164,19 @@ class Experiment:
             ),
             total_steps=self.total_steps,
         )
-        self.layers = kernels.for_mesh(config.model.conv_impl, mesh)
+        self.layers = kernels.for_mesh(config.model.conv_impl, mesh, config.model.conv_precision)
         self.model = build_model(config, self.num_classes, self.layers)
         self.hybrid = hybrid_objective(config)
 
     def compatibility(self) -> dict[str, Any]:
         """What a checkpoint must share with this run to be restored into it (how convolutions
-        are computed is not part of it: every ``conv_impl`` has the same parameters)."""
-        model = {k: v for k, v in self.config.model.to_dict().items() if k != "conv_impl"}
+        are computed is not part of it: every ``conv_impl`` and ``conv_precision`` has the same
+        parameters)."""
+        model = {
+            k: v
+            for k, v in self.config.model.to_dict().items()
+            if k not in ("conv_impl", "conv_precision")
+        }
         # Recorded only when on, as the hybrid fields are: checkpoints written before these fields
         # stay compatible.
         for field in ("sk_ratio", "se_ratio", "projection_hidden_dim"):

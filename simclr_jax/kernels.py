@@ -9,7 +9,7 @@ backend: a step compiled on a CPU host for a TPU mesh (ahead of time, through
 from jax.sharding import Mesh
 
 from simclr_jax import cpu
-from simclr_jax.models.layers import XLA_LAYERS, Layers
+from simclr_jax.models.layers import XLA_LAYERS, Layers, with_conv_precision
 
 CONV_IMPLS = cpu.CONV_IMPLS
 # Formulations in plain JAX, valid on every platform (the per-phase gradients only pay on CPUs).
@@ -24,13 +24,22 @@ def platform(mesh: Mesh) -> str:
     return platforms.pop()
 
 
-def for_platform(conv_impl: str, platform_name: str, device_count: int) -> Layers:
+def for_platform(
+    conv_impl: str, platform_name: str, device_count: int, conv_precision: str = "float32"
+) -> Layers:
     """The layers ``conv_impl`` stands for in a ``platform_name`` program over ``device_count``
-    devices: :func:`simclr_jax.cpu.layers` on CPU, XLA's own elsewhere.
+    devices (:func:`simclr_jax.cpu.layers` on CPU, XLA's own elsewhere), multiplying in
+    ``conv_precision`` (:func:`~simclr_jax.models.layers.with_conv_precision`).
 
     Raises:
-      ValueError: an unknown ``conv_impl``, or "onednn" for a program that is not a CPU one.
+      ValueError: an unknown ``conv_impl`` or ``conv_precision``, or "onednn" for a program that
+        is not a CPU one.
     """
+    with_conv_precision(XLA_LAYERS, conv_precision)  # an unknown value fails before any build
+    return with_conv_precision(_layers(conv_impl, platform_name, device_count), conv_precision)
+
+
+def _layers(conv_impl: str, platform_name: str, device_count: int) -> Layers:
     if platform_name == "cpu":
         return cpu.layers(conv_impl, device_count)
     if conv_impl not in CONV_IMPLS:
@@ -43,9 +52,10 @@ def for_platform(conv_impl: str, platform_name: str, device_count: int) -> Layer
     return cpu.SUBPIXEL_LAYERS if conv_impl == "subpixel_input_grads" else XLA_LAYERS
 
 
-def for_mesh(conv_impl: str, mesh: Mesh) -> Layers:
-    """The layers ``conv_impl`` stands for in a program compiled over ``mesh``."""
-    return for_platform(conv_impl, platform(mesh), mesh.devices.size)
+def for_mesh(conv_impl: str, mesh: Mesh, conv_precision: str = "float32") -> Layers:
+    """The layers ``conv_impl`` stands for in a program compiled over ``mesh``, multiplying in
+    ``conv_precision``."""
+    return for_platform(conv_impl, platform(mesh), mesh.devices.size, conv_precision)
 
 
 def compiler_options(mesh: Mesh) -> dict[str, str] | None:

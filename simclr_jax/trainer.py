@@ -263,7 +263,8 @@ def _locked_train_and_evaluate(
     with contextlib.closing(checkpointer):
         if jax.process_index() == 0:
             print(
-                f"kernels: {experiment.layers.name} (conv_impl={config.model.conv_impl!r})",
+                f"kernels: {experiment.layers.name} (conv_impl={config.model.conv_impl!r}, "
+                f"conv_precision={config.model.conv_precision!r})",
                 flush=True,
             )
         _write_json(os.path.join(workdir, "config.json"), config.to_dict())

@@ -30,9 +30,10 @@ def test_one_json_line_and_the_models_flops_whatever_conv_impl(capsys):
     xla = _record(capsys, [*TINY, "--conv-impl=xla"])
     subpixel = _record(capsys, [*TINY, "--conv-impl=subpixel_input_grads"])
     auto = _record(capsys, TINY)
+    bfloat16 = _record(capsys, [*TINY, "--conv-precision=bfloat16"])
     # Over two devices the step's work is the same: flops_per_step counts every device's share.
     two_devices = _record(capsys, [*TINY, "--conv-impl=xla", "--devices=2"])
-    for record in (xla, subpixel, auto):
+    for record in (xla, subpixel, auto, bfloat16):
         assert record["views_per_s"] > 0 and record["median_step_s"] > 0
         assert record["batch"] == 8 and record["base_width"] == 4 and record["channels"] == 1
         assert record["stem"] == "cifar" and record["devices"] == 1
@@ -45,7 +46,10 @@ def test_one_json_line_and_the_models_flops_whatever_conv_impl(capsys):
     # One CPU device (--devices=1): oneDNN's kernels, or the phases where they cannot be built.
     one_device = "onednn" if extension.unavailable_reason() is None else "subpixel_input_grads"
     assert auto["conv_impl_resolved"] == one_device
+    assert bfloat16["conv_impl_resolved"] == f"{one_device}+bfloat16"
+    assert (auto["conv_precision"], bfloat16["conv_precision"]) == ("float32", "bfloat16")
     assert subpixel["flops_per_step"] == auto["flops_per_step"] == xla["flops_per_step"]
+    assert bfloat16["flops_per_step"] == xla["flops_per_step"]
     assert subpixel["compiler_options"] == cpu.compiler_options()
     assert subpixel["backend"] == "cpu"
     peak = subpixel["matmul_peak_flops_per_s"]
@@ -109,6 +113,10 @@ def test_config_without_input_and_flag_errors(capsys, fashion_mnist_data_dir):
     assert (config.model.conv_impl, config.model.base_width) == ("xla", 8)
     args = benchmark._parse_args([*argv, "--config.model.conv_impl=xla", "--conv-impl=onednn"])
     assert benchmark.config_with_overrides(args).model.conv_impl == "onednn"
+    args = benchmark._parse_args([*argv, "--conv-precision=bfloat16"])
+    config = benchmark.config_with_overrides(args)
+    assert config.model.conv_precision == "bfloat16"
+    assert benchmark.setup_from_config(config).conv_precision == "bfloat16"
     with pytest.raises(SystemExit):
         benchmark.main([*TINY, "--config.model.conv_impl=xla"])
     assert "--config.FIELD=VALUE needs --config" in capsys.readouterr().err

@@ -152,6 +152,8 @@ def test_checkpoints_record_sk_se_and_the_objective_only_when_not_simclrs():
         "objective": "supcon",
     }
     assert "projection_hidden_dim" not in compatibility["fashion_mnist"]
+    # How convolutions are computed is not recorded: the parameters are the same.
+    assert not {"conv_impl", "conv_precision"} & set(compatibility["fashion_mnist"])
     assert "sk_ratio" not in compatibility["imagenet_resnet50"]
     assert "se_ratio" not in compatibility["imagenet_resnet50"]
     assert compatibility["imagenet_resnet50_sk"]["sk_ratio"] == 0.0625

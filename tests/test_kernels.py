@@ -8,14 +8,16 @@ import re
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from conv_cases import skip_without_extension
+from conv_cases import NHWC, skip_without_extension
+from jax import lax
 
 import simclr_jax.models
 from simclr_jax import cpu, kernels, optim, parallel, step
 from simclr_jax.cpu import extension
-from simclr_jax.models import XLA_LAYERS, simclr_resnet
+from simclr_jax.models import XLA_LAYERS, simclr_resnet, with_conv_precision
 
 
 def _fake_mesh(platform: str, device_count: int):
@@ -75,6 +77,48 @@ def test_onednn_off_the_cpu_raises_naming_the_platform(monkeypatch):
 def test_an_unknown_conv_impl_raises_naming_the_valid_ones(platform):
     with pytest.raises(ValueError, match=r"conv_impl 'fast'.*valid values.*'onednn'"):
         kernels.for_platform("fast", platform, 1)
+
+
+def test_float32_conv_precision_leaves_the_layers_as_they_are():
+    assert kernels.for_platform("xla", "cpu", 1, conv_precision="float32") is XLA_LAYERS
+    assert with_conv_precision(cpu.SUBPIXEL_LAYERS, "float32") is cpu.SUBPIXEL_LAYERS
+
+
+@pytest.mark.parametrize(("platform", "device_count"), [("tpu", 1), ("gpu", 8), ("cpu", 8)])
+def test_bfloat16_conv_precision_wraps_the_platforms_layers(platform, device_count):
+    layers = kernels.for_platform("auto", platform, device_count, conv_precision="bfloat16")
+    base = kernels.for_platform("auto", platform, device_count)
+    assert layers.name == f"{base.name}+bfloat16"
+    assert layers.batch_norm_train is base.batch_norm_train
+
+
+def test_bfloat16_products_are_a_float32_convolution_of_the_rounded_operands():
+    """The wrapper rounds both operands to bfloat16 and keeps the float32 result: their products
+    are exact in float32, so only summation order separates it from the reference."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
+    layers = with_conv_precision(XLA_LAYERS, "bfloat16")
+    y = layers.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+    rounded = [a.astype(jnp.bfloat16).astype(jnp.float32) for a in (x, kernel)]
+    want = lax.conv_general_dilated(
+        *rounded, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC, precision="highest"
+    )
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    # Not the float32 convolution: the rounding is real.
+    exact = lax.conv_general_dilated(
+        x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC, precision="highest"
+    )
+    assert float(jnp.abs(y - exact).max()) > 1e-3 * float(jnp.abs(exact).max())
+
+
+def test_an_unknown_conv_precision_raises_before_any_kernel_is_built(monkeypatch):
+    def no_build():
+        raise AssertionError("the CPU extension was built for a bad config")
+
+    monkeypatch.setattr(extension, "register_extension", no_build)
+    with pytest.raises(ValueError, match=r"conv_precision 'fp16'.*valid values.*'bfloat16'"):
+        kernels.for_platform("onednn", "cpu", 1, conv_precision="fp16")
 
 
 # ----------------------------------------------------------------------------- for_mesh

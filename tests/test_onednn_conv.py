@@ -5,6 +5,7 @@ Tests that run the extension skip, naming why, where it cannot be built here."""
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,53 @@ def test_values_and_gradients_equal_xla(n, h, w, cin, cout, k, stride, padding):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
+def _bfloat16_rounded(shape, seed):
+    """Float32 values that bfloat16 holds exactly."""
+    return jax.random.normal(jax.random.key(seed), shape).astype(jnp.bfloat16).astype(jnp.float32)
+
+
+@pytest.mark.parametrize(
+    ("n", "h", "w", "cin", "cout", "k", "stride", "padding"),
+    [STRIDED_CASES[0], STRIDED_CASES[2], STRIDED_CASES[3], STRIDE_1_CASES[0]],
+)
+def test_bfloat16_operands_give_float32_sums_of_their_exact_products(
+    n, h, w, cin, cout, k, stride, padding
+):
+    """A product of two bfloat16 values is exact in float32, so the forward pass equals a float32
+    convolution of the same values up to summation order; each gradient is such a sum too,
+    rounded to bfloat16 as its operand is."""
+    skip_without_extension()
+    x, kernel = _bfloat16_rounded((n, h, w, cin), 0), _bfloat16_rounded((k, k, cin, cout), 1)
+
+    def reference(x, kernel):
+        return lax.conv_general_dilated(
+            x, kernel, (stride, stride), padding, dimension_numbers=NHWC, precision="highest"
+        )
+
+    def bfloat16_products(x, kernel):
+        return onednn_conv.conv_general_dilated(
+            x,
+            kernel,
+            (stride, stride),
+            padding,
+            dimension_numbers=NHWC,
+            preferred_element_type=jnp.float32,
+        )
+
+    y_ref, vjp_ref = jax.vjp(reference, x, kernel)
+    dy = _bfloat16_rounded(y_ref.shape, 2)
+    y, vjp = jax.jit(lambda x, k: jax.vjp(bfloat16_products, x, k))(
+        x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    )
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(y_ref).max()))
+    for got, want in zip(jax.jit(vjp)(dy), vjp_ref(dy), strict=True):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(
+            got.astype(jnp.float32), want, rtol=2**-8, atol=1e-5 * float(jnp.abs(want).max())
+        )
+
+
 def test_the_three_directions_are_onednn_custom_calls():
     skip_without_extension()
     x, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
@@ -63,6 +111,30 @@ def test_the_three_directions_are_onednn_custom_calls():
         .as_text()
     )
     assert all(f"custom_call @{target}(" in hlo for target in TARGETS)
+    assert "convolution" not in hlo
+
+
+def test_bfloat16_products_layers_call_onednn_with_bfloat16_operands():
+    skip_without_extension()
+    layers = kernels.for_platform("onednn", "cpu", 1, conv_precision="bfloat16")
+    assert layers.name == "onednn+bfloat16"
+    x, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    hlo = (
+        jax.jit(
+            jax.value_and_grad(
+                lambda x, k: layers.conv_general_dilated(
+                    x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC
+                ).sum(),
+                argnums=(0, 1),
+            )
+        )
+        .lower(x, kernel)
+        .as_text()
+    )
+    calls = [line for line in hlo.splitlines() if "custom_call @simclr_onednn_conv" in line]
+    assert {target for target in TARGETS if any(target in line for line in calls)} == set(TARGETS)
+    operands = r": \(tensor<[0-9x]+xbf16>, tensor<[0-9x]+xbf16>\) -> tensor<[0-9x]+xf32>$"
+    assert len(calls) == 3 and all(re.search(operands, line) for line in calls)
     assert "convolution" not in hlo
 
 

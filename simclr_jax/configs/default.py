@@ -69,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
     # per output phase on CPU; XLA's own convolutions on GPU/TPU. "xla", "subpixel_input_grads"
     # or "onednn" force one (simclr_jax.kernels; chosen for the platform the step is compiled for).
     config.model.conv_impl = "auto"
+    # "bfloat16": convolutions round their operands to bfloat16 and sum the products in float32
+    # (everything else stays in model.dtype). oneDNN computes these natively, faster than float32
+    # on CPUs with bfloat16 instructions (AVX512-BF16, AMX); docs/cpu_performance.md.
+    config.model.conv_precision = "float32"
 
     # --- Objective -------------------------------------------------------------------------
     # The contrastive loss: "nt_xent" (SimCLR, self-supervised) or "supcon" (supervised

@@ -1,8 +1,10 @@
 // 2-D convolutions for XLA:CPU computed by oneDNN, exposed as XLA FFI handlers.
 //
 // Three handlers, one per direction of a ResNet convolution: the forward pass, the input gradient
-// and the kernel gradient. Activations are NHWC and kernels HWIO float32, the layouts JAX's
-// arrays already have, so no transposes are needed around the calls. oneDNN picks its own
+// and the kernel gradient. Activations are NHWC and kernels HWIO, the layouts JAX's arrays
+// already have, so no transposes are needed around the calls. The two operands of a call are
+// both float32 or both bfloat16 (whose products oneDNN computes with the CPU's bfloat16
+// instructions where it has them); the result is float32, summed in float32. oneDNN picks its own
 // (blocked) kernel layout; kernels are reordered into it and kernel gradients out of it per call,
 // which costs little next to the convolution itself. Primitives are built once per shape and
 // cached. Scratch memory belongs to the calling thread and is kept between calls (fresh large
@@ -33,22 +35,34 @@ struct ConvShape {
   int64_t batch, height, width, in_features;
   int64_t kernel_h, kernel_w, out_features, out_h, out_w;
   int64_t stride_h, stride_w, pad_top, pad_left, pad_bottom, pad_right;
+  memory::data_type operands;  // of the two inputs of the call; its result is float32
 
   auto Tie() const {
     return std::tie(direction, batch, height, width, in_features, kernel_h, kernel_w,
                     out_features, out_h, out_w, stride_h, stride_w, pad_top, pad_left,
-                    pad_bottom, pad_right);
+                    pad_bottom, pad_right, operands);
   }
   bool operator<(const ConvShape& other) const { return Tie() < other.Tie(); }
 
-  memory::desc Input() const {
-    return {{batch, in_features, height, width}, memory::data_type::f32, memory::format_tag::nhwc};
+  // The type of each tensor in this direction: the operands' for inputs, float32 for the result.
+  memory::data_type InputType() const {
+    return direction == Direction::kInputGradient ? memory::data_type::f32 : operands;
   }
-  memory::desc Output() const {
-    return {{batch, out_features, out_h, out_w}, memory::data_type::f32, memory::format_tag::nhwc};
+  memory::data_type KernelType() const {
+    return direction == Direction::kKernelGradient ? memory::data_type::f32 : operands;
   }
-  memory::desc Kernel(memory::format_tag tag) const {
-    return {{out_features, in_features, kernel_h, kernel_w}, memory::data_type::f32, tag};
+  memory::data_type OutputType() const {
+    return direction == Direction::kForward ? memory::data_type::f32 : operands;
+  }
+
+  memory::desc Input(memory::data_type type) const {
+    return {{batch, in_features, height, width}, type, memory::format_tag::nhwc};
+  }
+  memory::desc Output(memory::data_type type) const {
+    return {{batch, out_features, out_h, out_w}, type, memory::format_tag::nhwc};
+  }
+  memory::desc Kernel(memory::format_tag tag, memory::data_type type) const {
+    return {{out_features, in_features, kernel_h, kernel_w}, type, tag};
   }
 };
 
@@ -93,26 +107,32 @@ Plan MakePlan(const ConvShape& s) {
   dnnl::engine& engine = CpuEngine();
   const memory::dims strides{s.stride_h, s.stride_w};
   const memory::dims pad_low{s.pad_top, s.pad_left}, pad_high{s.pad_bottom, s.pad_right};
-  const memory::desc any_kernel = s.Kernel(memory::format_tag::any);
+  const memory::desc input = s.Input(s.InputType()), output = s.Output(s.OutputType());
+  const memory::desc any_kernel = s.Kernel(memory::format_tag::any, s.KernelType());
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   const auto algorithm = dnnl::algorithm::convolution_direct;
+  // The forward pass this direction belongs to (a gradient's plan is built with it as the hint):
+  // the operands' type throughout, but a float32 result.
+  const memory::data_type t = s.operands;
+  const memory::desc forward_output =
+      s.Output(s.direction == Direction::kForward ? memory::data_type::f32 : t);
   dnnl::convolution_forward::primitive_desc forward(
-      engine, dnnl::prop_kind::forward_training, algorithm, s.Input(), any_kernel, s.Output(),
-      strides, pad_low, pad_high, attr);
+      engine, dnnl::prop_kind::forward_training, algorithm, s.Input(t),
+      s.Kernel(memory::format_tag::any, t), forward_output, strides, pad_low, pad_high, attr);
   switch (s.direction) {
     case Direction::kForward:
       return {dnnl::convolution_forward(forward), forward.weights_desc(),
               forward.scratchpad_desc()};
     case Direction::kInputGradient: {
-      dnnl::convolution_backward_data::primitive_desc pd(engine, algorithm, s.Input(), any_kernel,
-                                                         s.Output(), strides, pad_low, pad_high,
+      dnnl::convolution_backward_data::primitive_desc pd(engine, algorithm, input, any_kernel,
+                                                         output, strides, pad_low, pad_high,
                                                          forward, attr);
       return {dnnl::convolution_backward_data(pd), pd.weights_desc(), pd.scratchpad_desc()};
     }
     case Direction::kKernelGradient: {
       dnnl::convolution_backward_weights::primitive_desc pd(
-          engine, algorithm, s.Input(), any_kernel, s.Output(), strides, pad_low, pad_high,
+          engine, algorithm, input, any_kernel, output, strides, pad_low, pad_high,
           forward, attr);
       return {dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
               pd.scratchpad_desc()};
@@ -132,15 +152,17 @@ const Plan& CachedPlan(const ConvShape& shape) {
 
 // Runs one convolution. For kForward (a, b, out) = (x, kernel, y); for kInputGradient
 // (dy, kernel, dx); for kKernelGradient (x, dy, dkernel).
-void Run(Direction direction, float* a, float* b, float* out, const ConvShape& shape) {
+void Run(Direction direction, void* a, void* b, void* out, const ConvShape& shape) {
   const Plan& plan = CachedPlan(shape);
   dnnl::engine& engine = CpuEngine();
   dnnl::stream stream(engine);
-  const memory::desc hwio = shape.Kernel(memory::format_tag::hwio);
+  const memory::desc hwio = shape.Kernel(memory::format_tag::hwio, shape.KernelType());
   const bool reorder = plan.kernel != hwio;
   memory scratchpad = ThreadBuffer(0, plan.scratchpad, engine);
+  const memory::desc input = shape.Input(shape.InputType());
+  const memory::desc output = shape.Output(shape.OutputType());
   if (direction == Direction::kKernelGradient) {
-    memory x(shape.Input(), engine, a), dy(shape.Output(), engine, b), dkernel(hwio, engine, out);
+    memory x(input, engine, a), dy(output, engine, b), dkernel(hwio, engine, out);
     memory result = reorder ? ThreadBuffer(1, plan.kernel, engine) : dkernel;
     plan.primitive.execute(stream, {{DNNL_ARG_SRC, x},
                                     {DNNL_ARG_DIFF_DST, dy},
@@ -152,13 +174,13 @@ void Run(Direction direction, float* a, float* b, float* out, const ConvShape& s
     memory kernel = reorder ? ThreadBuffer(1, plan.kernel, engine) : user_kernel;
     if (reorder) dnnl::reorder(user_kernel, kernel).execute(stream, user_kernel, kernel);
     if (direction == Direction::kForward) {
-      memory x(shape.Input(), engine, a), y(shape.Output(), engine, out);
+      memory x(input, engine, a), y(output, engine, out);
       plan.primitive.execute(stream, {{DNNL_ARG_SRC, x},
                                       {DNNL_ARG_WEIGHTS, kernel},
                                       {DNNL_ARG_DST, y},
                                       {DNNL_ARG_SCRATCHPAD, scratchpad}});
     } else {
-      memory dy(shape.Output(), engine, a), dx(shape.Input(), engine, out);
+      memory dy(output, engine, a), dx(input, engine, out);
       plan.primitive.execute(stream, {{DNNL_ARG_DIFF_DST, dy},
                                       {DNNL_ARG_WEIGHTS, kernel},
                                       {DNNL_ARG_DIFF_SRC, dx},
@@ -169,12 +191,19 @@ void Run(Direction direction, float* a, float* b, float* out, const ConvShape& s
 }
 
 template <Direction direction>
-ffi::Error Convolution(ffi::Buffer<ffi::F32, 4> a, ffi::Buffer<ffi::F32, 4> b,
-                       ffi::ResultBuffer<ffi::F32, 4> out, ffi::Span<const int64_t> strides,
-                       ffi::Span<const int64_t> padding) {
+ffi::Error Convolution(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::ResultBuffer<ffi::F32, 4> out,
+                       ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
   if (strides.size() != 2 || padding.size() != 4) {
     return ffi::Error::InvalidArgument("strides must have 2 entries and padding 4");
   }
+  if (a.element_type() != b.element_type() || a.dimensions().size() != 4 ||
+      b.dimensions().size() != 4 ||
+      (a.element_type() != ffi::F32 && a.element_type() != ffi::BF16)) {
+    return ffi::Error::InvalidArgument(
+        "the operands must be 4-D and both float32 or both bfloat16");
+  }
+  const memory::data_type operands =
+      a.element_type() == ffi::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
   // Which buffer holds x, the kernel and y depends on the direction.
   const auto x = direction == Direction::kInputGradient ? out->dimensions() : a.dimensions();
   const auto kernel =
@@ -184,9 +213,9 @@ ffi::Error Convolution(ffi::Buffer<ffi::F32, 4> a, ffi::Buffer<ffi::F32, 4> b,
                      : (direction == Direction::kInputGradient ? a.dimensions() : b.dimensions());
   const ConvShape shape{direction,  x[0],       x[1],       x[2],       x[3],      kernel[0],
                         kernel[1],  kernel[3],  y[1],       y[2],       strides[0], strides[1],
-                        padding[0], padding[1], padding[2], padding[3]};
+                        padding[0], padding[1], padding[2], padding[3], operands};
   try {
-    Run(direction, a.typed_data(), b.typed_data(), out->typed_data(), shape);
+    Run(direction, a.untyped_data(), b.untyped_data(), out->untyped_data(), shape);
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("oneDNN convolution failed: ") + e.what());
   }
@@ -195,8 +224,8 @@ ffi::Error Convolution(ffi::Buffer<ffi::F32, 4> a, ffi::Buffer<ffi::F32, 4> b,
 
 auto Binding() {
   return ffi::Ffi::Bind()
-      .Arg<ffi::Buffer<ffi::F32, 4>>()
-      .Arg<ffi::Buffer<ffi::F32, 4>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
       .Ret<ffi::Buffer<ffi::F32, 4>>()
       .Attr<ffi::Span<const int64_t>>("strides")
       .Attr<ffi::Span<const int64_t>>("padding");

@@ -3,10 +3,12 @@
 XLA:CPU's own convolution kernels run a ResNet's convolutions several times slower than oneDNN,
 the library PyTorch and TensorFlow use on CPUs (docs/cpu_performance.md).
 :func:`conv_general_dilated` has the signature of ``lax.conv_general_dilated`` (it plugs into
-``flax.linen.Conv(conv_general_dilated=...)``) and computes float32 NHWC/HWIO convolutions with
-explicit padding, window strides, no dilation and one feature group as XLA custom calls into
-oneDNN (:mod:`.extension`); a ``custom_vjp`` makes the gradients oneDNN's too. Any other call
-(e.g. bfloat16) goes to :func:`.convolution.conv_general_dilated`.
+``flax.linen.Conv(conv_general_dilated=...)``) and computes NHWC/HWIO convolutions with explicit
+padding, window strides, no dilation and one feature group as XLA custom calls into oneDNN
+(:mod:`.extension`); a ``custom_vjp`` makes the gradients oneDNN's too. The operands are float32,
+or bfloat16 with a float32 result (``preferred_element_type``): products in bfloat16, sums in
+float32, as are the gradients' (their output gradient is rounded to bfloat16). Any other call
+goes to :func:`.convolution.conv_general_dilated`.
 
 The custom calls have no sharding rule: under ``jax.jit`` over a multi-device mesh XLA gathers
 their operands and every device computes the whole batch, correctly but redundantly. That is why
@@ -53,11 +55,12 @@ def _forward(x, kernel, strides, padding):
 
 def _backward(strides, padding, residuals, dy):
     x, kernel = residuals
+    dy = dy.astype(x.dtype)  # the operands' type: the products are computed in it
     dx = _custom_call("simclr_onednn_conv_input_gradient", dy, kernel, x.shape, strides, padding)
     dkernel = _custom_call(
         "simclr_onednn_conv_kernel_gradient", x, dy, kernel.shape, strides, padding
     )
-    return dx, dkernel
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
 _onednn_conv.defvjp(_forward, _backward)
@@ -68,10 +71,18 @@ def conv_general_dilated(
 ) -> jax.Array:
     """``lax.conv_general_dilated`` (same arguments) computed by oneDNN where it applies.
 
-    Applies to float32 plain convolutions (:func:`.convolution.plain_conv_padding`); every other
-    call goes to :func:`.convolution.conv_general_dilated`.
+    Applies to plain convolutions (:func:`.convolution.plain_conv_padding`) of float32 operands,
+    or of bfloat16 operands with ``preferred_element_type=float32``; every other call goes to
+    :func:`.convolution.conv_general_dilated`.
     """
+    result_type = options.pop("preferred_element_type", None)
     explicit_padding = conv_lib.plain_conv_padding(lhs, rhs, padding, **options)
-    if explicit_padding is None or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
-        return conv_lib.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
+    operands = {jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype)}
+    supported = (operands == {jnp.dtype(jnp.float32)} and result_type in (None, jnp.float32)) or (
+        operands == {jnp.dtype(jnp.bfloat16)} and result_type == jnp.float32
+    )
+    if explicit_padding is None or not supported:
+        return conv_lib.conv_general_dilated(
+            lhs, rhs, window_strides, padding, preferred_element_type=result_type, **options
+        )
     return _onednn_conv(lhs, rhs, tuple(int(s) for s in window_strides), explicit_padding)

@@ -9,8 +9,10 @@ batch norm, right on every platform.
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from simclr_jax.models.batch_norm import TrainFn, batch_norm_train
@@ -35,3 +37,38 @@ class Layers:
 
 
 XLA_LAYERS = Layers()
+
+CONV_PRECISIONS = ("float32", "bfloat16")
+
+
+def with_conv_precision(layers: Layers, conv_precision: str) -> Layers:
+    """``layers`` whose convolutions multiply in ``conv_precision``.
+
+    "float32" returns ``layers`` unchanged. "bfloat16" rounds each convolution's two operands to
+    bfloat16 and keeps the sums and the result in the input's type (mixed precision for the
+    convolutions only: batch norms, heads, loss and parameters stay as they were). oneDNN's
+    convolutions compute these natively, which pays on CPUs with bfloat16 instructions; GPUs and
+    TPUs get XLA's bfloat16 convolutions.
+
+    Raises:
+      ValueError: an unknown ``conv_precision``.
+    """
+    if conv_precision not in CONV_PRECISIONS:
+        raise ValueError(
+            f"Unknown conv_precision {conv_precision!r}; valid values: {list(CONV_PRECISIONS)}."
+        )
+    if conv_precision == "float32":
+        return layers
+    conv = layers.conv_general_dilated
+
+    def conv_bfloat16_products(
+        lhs: jax.Array, rhs: jax.Array, window_strides: Any, padding: Any, **options: Any
+    ) -> jax.Array:
+        options["preferred_element_type"] = lhs.dtype
+        return conv(
+            lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), window_strides, padding, **options
+        )
+
+    return dataclasses.replace(
+        layers, name=f"{layers.name}+bfloat16", conv_general_dilated=conv_bfloat16_products
+    )
