@@ -95,21 +95,19 @@ def test_bfloat16_operands_give_float32_sums_of_their_exact_products(
         )
 
 
+def _value_and_grad_hlo(conv_fn) -> str:
+    """The lowered text of a strided convolution's value and both gradients, by ``conv_fn``."""
+    x, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+
+    def loss(x, k):
+        return conv_fn(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC).sum()
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, kernel).as_text()
+
+
 def test_the_three_directions_are_onednn_custom_calls():
     skip_without_extension()
-    x, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
-    hlo = (
-        jax.jit(
-            jax.value_and_grad(
-                lambda x, k: onednn_conv.conv_general_dilated(
-                    x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC
-                ).sum(),
-                argnums=(0, 1),
-            )
-        )
-        .lower(x, kernel)
-        .as_text()
-    )
+    hlo = _value_and_grad_hlo(onednn_conv.conv_general_dilated)
     assert all(f"custom_call @{target}(" in hlo for target in TARGETS)
     assert "convolution" not in hlo
 
@@ -118,19 +116,7 @@ def test_bfloat16_products_layers_call_onednn_with_bfloat16_operands():
     skip_without_extension()
     layers = kernels.for_platform("onednn", "cpu", 1, conv_precision="bfloat16")
     assert layers.name == "onednn+bfloat16"
-    x, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
-    hlo = (
-        jax.jit(
-            jax.value_and_grad(
-                lambda x, k: layers.conv_general_dilated(
-                    x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC
-                ).sum(),
-                argnums=(0, 1),
-            )
-        )
-        .lower(x, kernel)
-        .as_text()
-    )
+    hlo = _value_and_grad_hlo(layers.conv_general_dilated)
     calls = [line for line in hlo.splitlines() if "custom_call @simclr_onednn_conv" in line]
     assert {target for target in TARGETS if any(target in line for line in calls)} == set(TARGETS)
     operands = r": \(tensor<[0-9x]+xbf16>, tensor<[0-9x]+xbf16>\) -> tensor<[0-9x]+xf32>$"
