@@ -9,7 +9,7 @@ backend: a step compiled on a CPU host for a TPU mesh (ahead of time, through
 from jax.sharding import Mesh
 
 from simclr_jax import cpu
-from simclr_jax.models.layers import XLA_LAYERS, Layers, with_conv_precision
+from simclr_jax.models.layers import XLA_LAYERS, Layers, check_conv_precision, with_conv_precision
 
 CONV_IMPLS = cpu.CONV_IMPLS
 # Formulations in plain JAX, valid on every platform (the per-phase gradients only pay on CPUs).
@@ -35,7 +35,7 @@ def for_platform(
       ValueError: an unknown ``conv_impl`` or ``conv_precision``, or "onednn" for a program that
         is not a CPU one.
     """
-    with_conv_precision(XLA_LAYERS, conv_precision)  # an unknown value fails before any build
+    check_conv_precision(conv_precision)  # before any kernel is built
     return with_conv_precision(_layers(conv_impl, platform_name, device_count), conv_precision)
 
 

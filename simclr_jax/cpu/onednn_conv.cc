@@ -44,15 +44,16 @@ struct ConvShape {
   }
   bool operator<(const ConvShape& other) const { return Tie() < other.Tie(); }
 
-  // The type of each tensor in this direction: the operands' for inputs, float32 for the result.
-  memory::data_type InputType() const {
-    return direction == Direction::kInputGradient ? memory::data_type::f32 : operands;
+  // This call's tensors: the operands' type for its two inputs, float32 for its result.
+  memory::desc CallInput() const {
+    return Input(direction == Direction::kInputGradient ? memory::data_type::f32 : operands);
   }
-  memory::data_type KernelType() const {
-    return direction == Direction::kKernelGradient ? memory::data_type::f32 : operands;
+  memory::desc CallKernel(memory::format_tag tag) const {
+    return Kernel(tag,
+                  direction == Direction::kKernelGradient ? memory::data_type::f32 : operands);
   }
-  memory::data_type OutputType() const {
-    return direction == Direction::kForward ? memory::data_type::f32 : operands;
+  memory::desc CallOutput() const {
+    return Output(direction == Direction::kForward ? memory::data_type::f32 : operands);
   }
 
   memory::desc Input(memory::data_type type) const {
@@ -107,8 +108,8 @@ Plan MakePlan(const ConvShape& s) {
   dnnl::engine& engine = CpuEngine();
   const memory::dims strides{s.stride_h, s.stride_w};
   const memory::dims pad_low{s.pad_top, s.pad_left}, pad_high{s.pad_bottom, s.pad_right};
-  const memory::desc input = s.Input(s.InputType()), output = s.Output(s.OutputType());
-  const memory::desc any_kernel = s.Kernel(memory::format_tag::any, s.KernelType());
+  const memory::desc input = s.CallInput(), output = s.CallOutput();
+  const memory::desc any_kernel = s.CallKernel(memory::format_tag::any);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   const auto algorithm = dnnl::algorithm::convolution_direct;
@@ -156,11 +157,10 @@ void Run(Direction direction, void* a, void* b, void* out, const ConvShape& shap
   const Plan& plan = CachedPlan(shape);
   dnnl::engine& engine = CpuEngine();
   dnnl::stream stream(engine);
-  const memory::desc hwio = shape.Kernel(memory::format_tag::hwio, shape.KernelType());
+  const memory::desc hwio = shape.CallKernel(memory::format_tag::hwio);
   const bool reorder = plan.kernel != hwio;
   memory scratchpad = ThreadBuffer(0, plan.scratchpad, engine);
-  const memory::desc input = shape.Input(shape.InputType());
-  const memory::desc output = shape.Output(shape.OutputType());
+  const memory::desc input = shape.CallInput(), output = shape.CallOutput();
   if (direction == Direction::kKernelGradient) {
     memory x(input, engine, a), dy(output, engine, b), dkernel(hwio, engine, out);
     memory result = reorder ? ThreadBuffer(1, plan.kernel, engine) : dkernel;

@@ -41,6 +41,14 @@ XLA_LAYERS = Layers()
 CONV_PRECISIONS = ("float32", "bfloat16")
 
 
+def check_conv_precision(conv_precision: str) -> None:
+    """Raise ValueError naming the valid values unless ``conv_precision`` is one of them."""
+    if conv_precision not in CONV_PRECISIONS:
+        raise ValueError(
+            f"Unknown conv_precision {conv_precision!r}; valid values: {list(CONV_PRECISIONS)}."
+        )
+
+
 def with_conv_precision(layers: Layers, conv_precision: str) -> Layers:
     """``layers`` whose convolutions multiply in ``conv_precision``.
 
@@ -53,10 +61,7 @@ def with_conv_precision(layers: Layers, conv_precision: str) -> Layers:
     Raises:
       ValueError: an unknown ``conv_precision``.
     """
-    if conv_precision not in CONV_PRECISIONS:
-        raise ValueError(
-            f"Unknown conv_precision {conv_precision!r}; valid values: {list(CONV_PRECISIONS)}."
-        )
+    check_conv_precision(conv_precision)
     if conv_precision == "float32":
         return layers
     conv = layers.conv_general_dilated
