@@ -454,6 +454,13 @@ def main(argv: list[str] | None = None) -> None:
             record = benchmark_step(setup, args.steps, args.warmup, args.devices)
         else:
             config = config_with_overrides(args)
+            from simclr_jax.data import pipeline
+
+            pipeline.prepare_dataset(
+                config.dataset,
+                data_dir=config.data_dir or None,
+                dataset_dir=config.dataset_dir or None,
+            )
             setup = setup_from_config(config)
             record = {
                 "config": args.config,

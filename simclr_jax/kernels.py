@@ -33,15 +33,16 @@ def for_platform(
 
     Raises:
       ValueError: an unknown ``conv_impl`` or ``conv_precision``, or "onednn" for a program that
-        is not a CPU one.
+        is not a CPU one or that it cannot serve (:func:`simclr_jax.cpu.layers`).
     """
     check_conv_precision(conv_precision)  # before any kernel is built
-    return with_conv_precision(_layers(conv_impl, platform_name, device_count), conv_precision)
+    layers = _layers(conv_impl, platform_name, device_count, conv_precision)
+    return with_conv_precision(layers, conv_precision)
 
 
-def _layers(conv_impl: str, platform_name: str, device_count: int) -> Layers:
+def _layers(conv_impl: str, platform_name: str, device_count: int, conv_precision: str) -> Layers:
     if platform_name == "cpu":
-        return cpu.layers(conv_impl, device_count)
+        return cpu.layers(conv_impl, device_count, conv_precision)
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"Unknown conv_impl {conv_impl!r}; valid values: {list(CONV_IMPLS)}.")
     if conv_impl not in _PORTABLE:

@@ -104,6 +104,30 @@ def test_cpu_layers_pick_onednn_for_one_device_and_phase_gradients_for_several()
         assert one_device is cpu.SUBPIXEL_LAYERS
 
 
+@pytest.mark.parametrize("bfloat16_kernels", [True, False])
+def test_bfloat16_convolutions_are_onednns_only_where_it_has_kernels_for_them(
+    monkeypatch, bfloat16_kernels
+):
+    """Where oneDNN has no bfloat16 convolutions (CPUs without AVX-512), "auto" keeps its batch
+    norms with XLA's convolutions and "onednn" says so in one error; float32 is unaffected."""
+    skip_without_extension()
+    monkeypatch.setattr(cpu.extension, "bfloat16_convolutions", lambda: bfloat16_kernels)
+    assert cpu.layers("auto", 1, "float32") is cpu.layers("onednn", 1, "float32")
+    assert cpu.layers("onednn", 1, "float32") is cpu.ONEDNN_LAYERS
+    assert cpu.layers("auto", 8, "bfloat16") is cpu.SUBPIXEL_LAYERS
+    if bfloat16_kernels:
+        assert cpu.layers("auto", 1, "bfloat16") is cpu.ONEDNN_LAYERS
+        assert cpu.layers("onednn", 1, "bfloat16") is cpu.ONEDNN_LAYERS
+        return
+    fallback = cpu.layers("auto", 1, "bfloat16")
+    assert fallback.conv_general_dilated is XLA_LAYERS.conv_general_dilated
+    assert fallback.batch_norm_train is cpu.ONEDNN_LAYERS.batch_norm_train
+    with pytest.raises(
+        ValueError, match=r"conv_impl='onednn' with conv_precision='bfloat16'.*AVX-512.*float32"
+    ):
+        cpu.layers("onednn", 1, "bfloat16")
+
+
 LAYERS = {
     "xla": XLA_LAYERS,
     "subpixel_input_grads": cpu.SUBPIXEL_LAYERS,

@@ -18,6 +18,7 @@ from conv_cases import (
     NHWC,
     STRIDE_1_CASES,
     STRIDED_CASES,
+    skip_without_bfloat16_convolutions,
     skip_without_extension,
     value_and_grads,
 )
@@ -27,6 +28,7 @@ from simclr_jax import cpu, kernels, parallel
 from simclr_jax.cpu import convolution as conv
 from simclr_jax.cpu import extension, onednn_conv
 from simclr_jax.cpu.batch_norm import fused_batch_norm_train
+from simclr_jax.models import with_conv_precision
 
 if not (sys.platform == "linux" and platform.machine() == "x86_64"):
     pytest.skip("the onednn extra has wheels for x86-64 Linux only", allow_module_level=True)
@@ -63,7 +65,7 @@ def test_bfloat16_operands_give_float32_sums_of_their_exact_products(
     """A product of two bfloat16 values is exact in float32, so the forward pass equals a float32
     convolution of the same values up to summation order; each gradient is such a sum too,
     rounded to bfloat16 as its operand is."""
-    skip_without_extension()
+    skip_without_bfloat16_convolutions()
     x, kernel = _bfloat16_rounded((n, h, w, cin), 0), _bfloat16_rounded((k, k, cin, cout), 1)
 
     def reference(x, kernel):
@@ -95,6 +97,34 @@ def test_bfloat16_operands_give_float32_sums_of_their_exact_products(
         )
 
 
+def test_the_bfloat16_probe_agrees_with_running_bfloat16_convolutions():
+    """extension.bfloat16_convolutions() is True exactly where a bfloat16 convolution and its
+    gradients run."""
+    skip_without_extension()
+    x, kernel = jnp.ones((2, 8, 8, 3), jnp.bfloat16), jnp.ones((3, 3, 3, 4), jnp.bfloat16)
+
+    def loss(x, kernel):
+        y = onednn_conv.conv_general_dilated(
+            x,
+            kernel,
+            (1, 1),
+            ((1, 1), (1, 1)),
+            dimension_numbers=NHWC,
+            preferred_element_type=jnp.float32,
+        )
+        return y.sum()
+
+    def run():
+        return jax.block_until_ready(jax.jit(jax.value_and_grad(loss, (0, 1)))(x, kernel))
+
+    if extension.bfloat16_convolutions():
+        value, _ = run()
+        assert float(value) > 0
+    else:
+        with pytest.raises(jax.errors.JaxRuntimeError, match="oneDNN convolution failed"):
+            run()
+
+
 def _value_and_grad_hlo(conv_fn) -> str:
     """The lowered text of a strided convolution's value and both gradients, by ``conv_fn``."""
     x, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
@@ -113,8 +143,9 @@ def test_the_three_directions_are_onednn_custom_calls():
 
 
 def test_bfloat16_products_layers_call_onednn_with_bfloat16_operands():
+    """Lowering only: it holds on CPUs whose oneDNN has no bfloat16 kernels too."""
     skip_without_extension()
-    layers = kernels.for_platform("onednn", "cpu", 1, conv_precision="bfloat16")
+    layers = with_conv_precision(cpu.ONEDNN_LAYERS, "bfloat16")
     assert layers.name == "onednn+bfloat16"
     hlo = _value_and_grad_hlo(layers.conv_general_dilated)
     calls = [line for line in hlo.splitlines() if "custom_call @simclr_onednn_conv" in line]

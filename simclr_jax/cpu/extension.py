@@ -140,17 +140,23 @@ def build_extension() -> pathlib.Path:
 
 
 @functools.cache
+def _library() -> ctypes.CDLL:
+    """The built (or found) extension, loaded once."""
+    path = build_extension()
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as error:
+        raise NativeUnavailableError(f"cannot load {path}: {error}") from error
+
+
+@functools.cache
 def register_extension() -> None:
     """Builds (or finds) and loads the extension, and registers its XLA CPU targets, once.
 
     Raises:
       NativeUnavailableError: no compiler, no oneDNN, or the build or load failed.
     """
-    path = build_extension()
-    try:
-        library = ctypes.CDLL(str(path))
-    except OSError as error:
-        raise NativeUnavailableError(f"cannot load {path}: {error}") from error
+    library = _library()
     for target, symbol in TARGETS.items():
         handler = jax.ffi.pycapsule(getattr(library, symbol))
         jax.ffi.register_ffi_target(target, handler, platform="cpu")
@@ -164,3 +170,14 @@ def unavailable_reason() -> str | None:
     except NativeUnavailableError as error:
         return str(error)
     return None
+
+
+@functools.cache
+def bfloat16_convolutions() -> bool:
+    """Whether oneDNN computes bfloat16 convolutions on this CPU (it has kernels for them only on
+    CPUs with AVX-512 or newer instruction sets).
+
+    Raises:
+      NativeUnavailableError: the extension cannot be built or loaded.
+    """
+    return bool(_library().OnednnBfloat16Convolutions())

@@ -233,6 +233,22 @@ auto Binding() {
 
 }  // namespace
 
+// 1 when this CPU's oneDNN computes bfloat16 convolutions in all three directions, else 0. oneDNN
+// has bfloat16 kernels only for CPUs with AVX-512 or newer instruction sets; elsewhere it cannot
+// build the primitives at all.
+extern "C" int OnednnBfloat16Convolutions() {
+  try {
+    for (Direction direction :
+         {Direction::kForward, Direction::kInputGradient, Direction::kKernelGradient}) {
+      MakePlan(ConvShape{direction, 2, 8, 8, 16, 3, 3, 16, 8, 8, 1, 1, 1, 1, 1, 1,
+                         memory::data_type::bf16});
+    }
+  } catch (const std::exception&) {
+    return 0;
+  }
+  return 1;
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, Convolution<Direction::kForward>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvInputGradient, Convolution<Direction::kInputGradient>,
                               Binding());

@@ -73,7 +73,8 @@ def conv_general_dilated(
 
     Applies to plain convolutions (:func:`.convolution.plain_conv_padding`) of float32 operands,
     or of bfloat16 operands with ``preferred_element_type=float32``; every other call goes to
-    :func:`.convolution.conv_general_dilated`.
+    :func:`.convolution.conv_general_dilated`. Strided 1x1 convolutions without padding are
+    computed at stride 1 on the pixels they read.
     """
     result_type = options.pop("preferred_element_type", None)
     explicit_padding = conv_lib.plain_conv_padding(lhs, rhs, padding, **options)
@@ -85,4 +86,11 @@ def conv_general_dilated(
         return conv_lib.conv_general_dilated(
             lhs, rhs, window_strides, padding, preferred_element_type=result_type, **options
         )
-    return _onednn_conv(lhs, rhs, tuple(int(s) for s in window_strides), explicit_padding)
+    strides = tuple(int(s) for s in window_strides)
+    if rhs.shape[:2] == (1, 1) and explicit_padding == ((0, 0), (0, 0)):
+        # A strided 1x1 convolution reads every stride-th pixel: the same convolution at stride
+        # 1 of those pixels. Handing oneDNN the stride-1 form also keeps clear of its strided 1x1
+        # kernel gradient for NHWC inputs with fewer channels than its block, which writes past
+        # its workspace and returns wrong values on AVX2 CPUs (oneDNN issue #6035).
+        lhs, strides = lhs[:, :: strides[0], :: strides[1], :], (1, 1)
+    return _onednn_conv(lhs, rhs, strides, explicit_padding)
