@@ -15,6 +15,10 @@ NEWEST_TESTS ?= test_losses.py test_blockwise_loss.py test_models.py test_step.p
   test_kernels.py test_batch_norm.py test_onednn_conv.py test_checkpointing.py test_configs.py \
   test_trainer.py test_workdir_lock.py test_jsonio.py test_config_checks.py
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+# pytest-xdist workers, each taking whole test files: one test alone keeps two cores about 60%
+# busy (compiling, starting command lines), so two workers finish the suite sooner on 2 cores.
+TEST_WORKERS ?= 2
+PYTEST_WORKERS := -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install tpu-compiler fashion-mnist-files train evaluate test test-newest lint format
 
@@ -67,7 +71,7 @@ evaluate: install fashion-mnist-files
 	$(BIN)/python -m simclr_jax.evaluate --workdir=workdirs/fashion_mnist
 
 test: install tpu-compiler fashion-mnist-files lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_WORKERS)
 	SIMCLR_JAX_WHEEL_PYTHON=$(NEWEST_PYTHON) $(BIN)/python -m pytest -m slow tests/test_wheel.py
 	@if [ -n "$(NEWEST_PYTHON)" ]; then $(MAKE) test-newest; else \
 	  echo "note: no Python 3.12 here (set NEWEST_PYTHON): the newest-versions leg did not run"; fi
@@ -75,7 +79,7 @@ test: install tpu-compiler fashion-mnist-files lint
 # The installed (not editable) package on the newest Python: run from tests/, so that
 # `import simclr_jax` finds the installed copy, not the checkout.
 test-newest: $(NEWEST_VENV)/.installed fashion-mnist-files
-	cd tests && ../$(NEWEST_VENV)/bin/python -m pytest -p no:cacheprovider $(NEWEST_TESTS)
+	cd tests && ../$(NEWEST_VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_WORKERS) $(NEWEST_TESTS)
 
 lint: install
 	$(BIN)/ruff format --check .

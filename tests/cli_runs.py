@@ -32,17 +32,24 @@ def command(module: str, *args: str, patch: str = "") -> list[str]:
     return [sys.executable, "-c", _PATCHED.format(patch=patch, module=module), *args]
 
 
-def environment() -> dict[str, str]:
-    """This process's environment, with its XLA compilation cache (tests/conftest.py): a command
-    line compiling what a test here compiled already loads it instead."""
+def compilation_cache_environment() -> dict[str, str]:
+    """The variables that give another process this one's XLA compilation cache
+    (tests/conftest.py): a child compiling what a test here compiled already loads it instead."""
     import jax
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    if jax.config.jax_compilation_cache_dir:
-        env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    return env
+    if not jax.config.jax_compilation_cache_dir:
+        return {}
+    return {
+        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "JAX_COMPILATION_CACHE_MAX_SIZE": str(jax.config.jax_compilation_cache_max_size),
+    }
+
+
+def environment() -> dict[str, str]:
+    """This process's environment on the CPU, with its XLA compilation cache."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", **compilation_cache_environment()}
 
 
 def run(

@@ -28,12 +28,24 @@ def fashion_mnist_data_dir(tmp_path_factory) -> str:
     return data_dir
 
 
+# Large enough never to evict during a run; any size turns on JAX's file lock around the cache,
+# which the processes sharing it (pytest-xdist's workers, command lines) need.
+COMPILATION_CACHE_MAX_BYTES = 16 * 2**30
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory):
     """Shares XLA compilations between tests that build the same computations (e.g. the
-    trainer's runs of one config), which is most of the suite's time on a CPU."""
+    trainer's runs of one config), which is most of the suite's time on a CPU. Under
+    pytest-xdist its workers share one cache, in the run's directory above their own."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    run_dir = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run_dir = run_dir.parent
+    cache_dir = run_dir / "xla_cache"
+    cache_dir.mkdir(exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)

@@ -7,6 +7,7 @@ import pathlib
 import re
 import sys
 
+import cli_runs
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -80,6 +81,8 @@ def test_notebook_runs_in_smoke_mode(path, fashion_mnist_data_dir, tmp_path, mon
         "PATH", os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
     )
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    for name, value in cli_runs.compilation_cache_environment().items():
+        monkeypatch.setenv(name, value)
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         notebook, timeout=TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": ROOT}}
