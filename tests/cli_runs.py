@@ -41,8 +41,12 @@ def compilation_cache_environment() -> dict[str, str]:
         return {}
     return {
         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(
+            jax.config.jax_persistent_cache_min_compile_time_secs
+        ),
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": str(
+            jax.config.jax_persistent_cache_min_entry_size_bytes
+        ),
         "JAX_COMPILATION_CACHE_MAX_SIZE": str(jax.config.jax_compilation_cache_max_size),
     }
 

@@ -102,16 +102,16 @@ def test_steps_on_eight_devices_equal_one_device():
     _assert_trees_close(metrics8, metrics1)
 
 
-def test_sharded_step_equals_pure_step_without_jit():
-    """The jit wrapper adds shardings only: results match the plain Python function."""
+def test_sharded_step_equals_the_pure_step():
+    """The jit wrapper adds shardings and donation only: results match the pure function,
+    compiled for one device without either."""
     mesh = parallel.data_mesh()
     (params, stats, _), metrics = _run_steps(mesh, num_steps=1)
-    state, expected = step.train_step(
-        _initial_state(),
-        jax.tree.map(jnp.asarray, _batch(0)),
-        jax.random.key(0),
-        temperature=TEMPERATURE,
-        learning_rate_fn=_schedule(),
+    pure_step = jax.jit(
+        functools.partial(step.train_step, temperature=TEMPERATURE, learning_rate_fn=_schedule())
+    )
+    state, expected = pure_step(
+        _initial_state(), jax.tree.map(jnp.asarray, _batch(0)), jax.random.key(0)
     )
     _assert_trees_close((params, stats), jax.device_get((state.params, state.batch_stats)), 1e-4)
     _assert_trees_close(metrics[0], jax.device_get(expected), 1e-4)
