@@ -62,6 +62,7 @@ def build_model(
         stem=config.model.stem,
         sk_ratio=config.model.sk_ratio,
         se_ratio=config.model.se_ratio,
+        zero_init_residual=config.model.zero_init_residual,
         num_classes=num_classes,
         projection_layers=config.model.projection_layers,
         projection_dim=config.model.projection_dim,
@@ -170,12 +171,12 @@ class Experiment:
 
     def compatibility(self) -> dict[str, Any]:
         """What a checkpoint must share with this run to be restored into it (how convolutions
-        are computed is not part of it: every ``conv_impl`` and ``conv_precision`` has the same
-        parameters)."""
+        are computed and how parameters start are not part of it: every ``conv_impl``,
+        ``conv_precision`` and ``zero_init_residual`` has the same parameters)."""
         model = {
             k: v
             for k, v in self.config.model.to_dict().items()
-            if k not in ("conv_impl", "conv_precision")
+            if k not in ("conv_impl", "conv_precision", "zero_init_residual")
         }
         # Recorded only when on, as the hybrid fields are: checkpoints written before these fields
         # stay compatible.

@@ -113,6 +113,15 @@ def test_configs_without_sk_or_se_build_the_variables_they_always_had(name, imag
     assert hashlib.sha256(text.encode()).hexdigest() == digest
 
 
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_zero_init_residual_reaches_the_encoder(zero_init):
+    config = configs.load("fashion_mnist")
+    assert config.model.zero_init_residual  # the official code's initialisation by default
+    config.model.zero_init_residual = zero_init
+    model = experiment.build_model(config, num_classes=10)
+    assert model.encoder.zero_init_residual is zero_init
+
+
 def test_the_sk_recipe_builds_simclrv2s_encoder():
     config = configs.load("imagenet_resnet50_sk")
     assert (config.model.sk_ratio, config.model.se_ratio) == (0.0625, 0.0)
@@ -152,8 +161,11 @@ def test_checkpoints_record_sk_se_and_the_objective_only_when_not_simclrs():
         "objective": "supcon",
     }
     assert "projection_hidden_dim" not in compatibility["fashion_mnist"]
-    # How convolutions are computed is not recorded: the parameters are the same.
-    assert not {"conv_impl", "conv_precision"} & set(compatibility["fashion_mnist"])
+    # How convolutions are computed and how parameters start are not recorded: the parameters
+    # are the same.
+    assert not {"conv_impl", "conv_precision", "zero_init_residual"} & set(
+        compatibility["fashion_mnist"]
+    )
     assert "sk_ratio" not in compatibility["imagenet_resnet50"]
     assert "se_ratio" not in compatibility["imagenet_resnet50"]
     assert compatibility["imagenet_resnet50_sk"]["sk_ratio"] == 0.0625

@@ -227,6 +227,18 @@ def test_last_bn_of_every_bottleneck_branch_starts_at_zero():
     _check_zero_init(model, variables, x, "bn3", num_blocks=16)
 
 
+def test_without_zero_init_every_bn_scale_starts_at_one_and_nothing_else_changes(tiny):
+    plain = tiny.encoder.clone(zero_init_residual=False)
+    variables = _flat(plain.init(INIT_KEY, tiny.x, train=False)["params"])
+    zero_init = _flat(tiny.encoder.init(INIT_KEY, tiny.x, train=False)["params"])
+    assert variables.keys() == zero_init.keys()
+    for path, leaf in variables.items():
+        if path[-1] == "scale":
+            np.testing.assert_array_equal(leaf, np.ones_like(leaf))
+        else:
+            np.testing.assert_array_equal(leaf, zero_init[path])
+
+
 def test_conv_kernels_use_fan_in_variance_scaling(tiny):
     # Every kernel divided by its expected std 1/sqrt(fan_in) should look like one N(0, 1)
     # truncated at 2/0.8796 (He initialisation would give std sqrt(2)).

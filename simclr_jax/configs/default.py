@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     # > 0: squeeze-and-excitation at the end of every residual branch, max(1, int(width·ratio))
     # hidden channels. 0 = off; SimCLRv2's published models (its README's table) vary SK only.
     config.model.se_ratio = 0.0
+    # Start the last BN scale of every residual branch at 0 (the official code), so that each
+    # block starts as its shortcut; False: at 1 (torchvision's default).
+    config.model.zero_init_residual = True
     config.model.projection_layers = 2  # 2 = SimCLR v1, 3 = v2
     config.model.projection_dim = 128
     # Width of the projection head's hidden layers; 0 = the width of h (the official head).

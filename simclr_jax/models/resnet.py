@@ -6,7 +6,8 @@ The architecture follows the official SimCLR TF2 ResNet:
   group, including the first group of ResNet-18/34 where torchvision keeps an identity shortcut
   (so ResNet-18/34 have 64*64 + 2*64 = 4,224 more parameters than torchvision's);
 - bottleneck blocks put the stride on the 3x3 convolution;
-- the last BN of every residual branch starts with scale 0, so each block starts as its shortcut;
+- the last BN of every residual branch starts with scale 0, so each block starts as its shortcut
+  (`zero_init_residual`; False starts it at 1, as torchvision's ResNets do by default);
 - convolutions have no bias and use symmetric "fixed" padding of (k-1)/2 pixels on each side
   (identical to "SAME" at stride 1, and to torchvision's padding at stride 2);
 - convolution kernels use the official initialiser, Keras' default `VarianceScaling()`: scale 1,
@@ -199,12 +200,15 @@ def _shortcut(x, features: int, strides: int, resnet_d: bool, conv, norm) -> jnp
     return norm(name="shortcut_bn")(x)
 
 
-def _residual_end(y, shortcut, se_ratio: float, filters: int, conv, norm, name: str):
-    """The branch's last BN (scale 0 at init), SE if `se_ratio` > 0, the residual add and ReLU."""
-    last_bn = norm(scale_init=nn.initializers.zeros, name=name)
-    if se_ratio <= 0:
+def _residual_end(block: nn.Module, y, shortcut, name: str) -> jnp.ndarray:
+    """`block`'s last BN (scale 0 at init with its `zero_init_residual`, else 1), its SE if its
+    `se_ratio` > 0, the residual add and ReLU."""
+    scale_init = nn.initializers.zeros if block.zero_init_residual else nn.initializers.ones
+    last_bn = block.norm(scale_init=scale_init, name=name)
+    if block.se_ratio <= 0:
         return last_bn(y, residual=shortcut, relu=True)
-    y = SqueezeExcite(max(1, int(filters * se_ratio)), conv, name="se")(last_bn(y))
+    hidden = max(1, int(block.filters * block.se_ratio))
+    y = SqueezeExcite(hidden, block.conv, name="se")(last_bn(y))
     return nn.relu(y + shortcut)
 
 
@@ -214,7 +218,8 @@ class BasicBlock(nn.Module):
     `conv(features, kernel_size, strides, name=...)` and `norm(name=..., **overrides)` build the
     layers, so every block of a network shares one dtype and one BN configuration. `sk_ratio` > 0
     only changes the projection shortcut (ResNet-D, as in the official code); `se_ratio` > 0 adds
-    `SqueezeExcite` (module `se`) before the residual add.
+    `SqueezeExcite` (module `se`) before the residual add. `zero_init_residual` starts the
+    branch's last BN scale at 0 (else 1).
     """
 
     filters: int
@@ -224,6 +229,7 @@ class BasicBlock(nn.Module):
     norm: Callable[..., nn.Module]
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
+    zero_init_residual: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -235,7 +241,7 @@ class BasicBlock(nn.Module):
         y = self.conv(self.filters, 3, self.strides, name="conv1")(x)
         y = self.norm(name="bn1")(y, relu=True)
         y = self.conv(self.filters, 3, 1, name="conv2")(y)
-        return _residual_end(y, shortcut, self.se_ratio, self.filters, self.conv, self.norm, "bn2")
+        return _residual_end(self, y, shortcut, "bn2")
 
 
 class BottleneckBlock(nn.Module):
@@ -243,7 +249,8 @@ class BottleneckBlock(nn.Module):
 
     `conv` and `norm` are as in `BasicBlock`. `sk_ratio` > 0 replaces `conv2` and `bn2` by a
     `SelectiveKernel` unit (module `sk`) and gives the projection shortcut its ResNet-D form;
-    `se_ratio` > 0 adds `SqueezeExcite` (module `se`) before the residual add.
+    `se_ratio` > 0 adds `SqueezeExcite` (module `se`) before the residual add;
+    `zero_init_residual` as in `BasicBlock`.
     """
 
     filters: int
@@ -253,6 +260,7 @@ class BottleneckBlock(nn.Module):
     norm: Callable[..., nn.Module]
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
+    zero_init_residual: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -272,7 +280,7 @@ class BottleneckBlock(nn.Module):
             y = self.conv(self.filters, 3, self.strides, name="conv2")(y)
             y = self.norm(name="bn2")(y, relu=True)
         y = self.conv(out_features, 1, 1, name="conv3")(y)
-        return _residual_end(y, shortcut, self.se_ratio, self.filters, self.conv, self.norm, "bn3")
+        return _residual_end(self, y, shortcut, "bn3")
 
 
 class ResNet(nn.Module):
@@ -289,6 +297,8 @@ class ResNet(nn.Module):
       sk_ratio: > 0 turns on SimCLRv2's selective kernels (SimCLRv2's models use 0.0625); see
         the module docstring for everything it changes. 0 = off.
       se_ratio: > 0 adds squeeze-and-excitation to every block. 0 = off.
+      zero_init_residual: start the last BN scale of every residual branch at 0, so that each
+        block starts as its shortcut (the official code; Goyal et al., 2017); False: at 1.
       bn_momentum: BN moving-average decay.
       bn_epsilon: BN variance epsilon.
       dtype: computation dtype of convolutions and BN (e.g. jnp.bfloat16); parameters and BN
@@ -309,6 +319,7 @@ class ResNet(nn.Module):
     stem: str = "imagenet"
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
+    zero_init_residual: bool = True
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
@@ -367,6 +378,7 @@ class ResNet(nn.Module):
                     norm=norm,
                     sk_ratio=self.sk_ratio,
                     se_ratio=self.se_ratio,
+                    zero_init_residual=self.zero_init_residual,
                     name=f"group{group}_block{block}",
                 )(x)
 

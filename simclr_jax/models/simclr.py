@@ -61,12 +61,14 @@ def simclr_resnet(
     base_width: int = 64,
     sk_ratio: float = 0.0,
     se_ratio: float = 0.0,
+    zero_init_residual: bool = True,
     dtype: Any = jnp.float32,
     layers: Layers = XLA_LAYERS,
     reconstruction_head: nn.Module | None = None,
 ) -> SimCLR:
     """SimCLR with a `ResNet` encoder (computing with `layers`; `sk_ratio` and `se_ratio` > 0 turn
-    on SimCLRv2's selective kernels and squeeze-and-excitation) and a `ProjectionHead` whose
+    on SimCLRv2's selective kernels and squeeze-and-excitation; `zero_init_residual` as in
+    `ResNet`) and a `ProjectionHead` whose
     hidden layers are `projection_hidden_dim` wide (None: the width d of h, as officially)."""
     return SimCLR(
         encoder=ResNet(
@@ -76,6 +78,7 @@ def simclr_resnet(
             stem=stem,
             sk_ratio=sk_ratio,
             se_ratio=se_ratio,
+            zero_init_residual=zero_init_residual,
             dtype=dtype,
             layers=layers,
         ),
