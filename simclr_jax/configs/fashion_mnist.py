@@ -15,14 +15,16 @@ def get_config():
     config = default.get_config()
     config.dataset = "fashion_mnist"
     config.image_size = 28
-    # Chosen on the validation split (docs/fashion_mnist_recipe.md): crops of at least 40% of the
-    # image keep more of each garment's outline than 20% did, which kNN in particular rewards.
-    config.augment.crop_area_min = 0.4
+    # Chosen on the validation split (docs/fashion_mnist_recipe.md, eighth round): crops of at
+    # least 60% of the image with SimCLRv2's 3-layer projection head gave 0.7 points more kNN than
+    # 40% with the 2-layer head, at the same linear probe; neither change helped alone.
+    config.augment.crop_area_min = 0.6
     config.augment.color_jitter_strength = 0.5  # one channel: brightness and contrast only
     config.augment.blur_prob = 0.0  # 28 px: no blur
     config.model.depth = 18
     config.model.base_width = 16
     config.model.stem = "cifar"
+    config.model.projection_layers = 3
     config.temperature = 0.2
     # Chosen on a validation split held out from train (README, Results): Nesterov SGD with
     # weight decay 5e-4 learns more in 4 epochs at B=256 than LARS (lr 1.0, weight decay 1e-5).
