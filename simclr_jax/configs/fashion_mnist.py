@@ -46,3 +46,12 @@ def get_config():
     config.evaluation.finetune.epochs = (10.0, 1.0, 0.25)  # for 1%, 10%, 100% of the labels
     config.evaluation.finetune.batch_size = 256
     return config
+
+
+def get_config_before_eighth_round():
+    """The recipe as it was before its eighth round (crops of at least 40%, SimCLR's 2-layer
+    head): the recipes whose figures were measured then build on it."""
+    config = get_config()
+    config.augment.crop_area_min = 0.4
+    config.model.projection_layers = 2
+    return config
