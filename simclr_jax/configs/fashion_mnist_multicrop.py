@@ -7,8 +7,8 @@ Each small view is an anchor whose positives are its image's two large views
 (`simclr_jax.losses.multi_crop_nt_xent`). The four small views add half the pixels of the two
 large ones to every step, so the recipe trains 2.5 epochs where fashion_mnist trains 4, in about
 the same time; everything else (model, optimiser, the large views' augmentation) is
-fashion_mnist's as it was measured against (the crop floor and head pinned below), so the two runs
-compare multi-crop at equal wall time.
+fashion_mnist's as it was measured against (`get_config_before_eighth_round`), so the two
+runs compare multi-crop at equal wall time.
 Evaluate: python -m simclr_jax.evaluate --workdir=workdirs/fashion_mnist_multicrop
 Expect: the README's Multi-crop section (seed 0, beside fashion_mnist at the same seed).
 """

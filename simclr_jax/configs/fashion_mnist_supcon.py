@@ -3,9 +3,9 @@
 The Fashion-MNIST recipe with `objective = "supcon"`: every other view of the same class in the
 global batch is a positive of an anchor, so the encoder is trained with the train split's labels
 (it is no longer self-supervised). Everything else is `fashion_mnist` as it was measured against
-(ResNet-18 at base width 16, 4 epochs, B=256, Nesterov SGD, τ = 0.2; the crop floor and head
-pinned below), so a run compares with it on the objective alone. The probes and kNN are
-evaluated as for every recipe.
+(ResNet-18 at base width 16, 4 epochs, B=256, Nesterov SGD, τ = 0.2:
+`get_config_before_eighth_round`), so a run compares with it on the objective alone. The probes
+and kNN are evaluated as for every recipe.
 Run:   python -m simclr_jax.train --config=fashion_mnist_supcon \\
          --workdir=workdirs/fashion_mnist_supcon
 Expect: the README's "Supervised contrastive (SupCon)" section (measured with the command above,
