@@ -24,12 +24,15 @@ def test_every_recipe_is_listed():
     assert {"fashion_mnist_multicrop", "fashion_mnist_long"} <= set(configs.names())
 
 
-def drop_the_pinned_crop_floor_and_head(recipe, base):
-    """Recipes measured before fashion_mnist's eighth round keep its crop floor and head."""
+def drop_the_settings_pinned_before_the_eighth_round(recipe, base):
+    """Recipes measured before fashion_mnist's eighth round keep its crop floor, head and colour
+    jitter."""
     assert (recipe.augment.crop_area_min, base.augment.crop_area_min) == (0.4, 0.6)
     assert (recipe.model.projection_layers, base.model.projection_layers) == (2, 3)
+    assert (recipe.augment.color_jitter_strength, base.augment.color_jitter_strength) == (0.5, 1.0)
     for config in (recipe, base):
         del config.augment.crop_area_min, config.model.projection_layers
+        del config.augment.color_jitter_strength
 
 
 def test_multi_crop_recipe_is_fashion_mnist_plus_small_crops_for_the_same_time():
@@ -42,7 +45,7 @@ def test_multi_crop_recipe_is_fashion_mnist_plus_small_crops_for_the_same_time()
     assert augment_config.small_crop_area_range == (0.05, 0.14)
     for name in ("num_small_crops", "small_crop_size", "small_crop_area"):
         del recipe.augment[name], base.augment[name]
-    drop_the_pinned_crop_floor_and_head(recipe, base)
+    drop_the_settings_pinned_before_the_eighth_round(recipe, base)
     assert recipe.to_dict() == base.to_dict()
 
 
@@ -55,7 +58,7 @@ def test_long_recipe_is_fashion_mnist_twice_as_wide_for_twice_the_epochs():
         for name, c in (("recipe", recipe), ("base", base))
     }
     del recipe.model.base_width, base.model.base_width, recipe.epochs, base.epochs
-    drop_the_pinned_crop_floor_and_head(recipe, base)
+    drop_the_settings_pinned_before_the_eighth_round(recipe, base)
     assert recipe.to_dict() == base.to_dict()
     assert h_features == {"recipe": 256, "base": 128}
 
