@@ -240,6 +240,10 @@ class Checkpointer:
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be at least 1 (or None for all), not {max_to_keep}")
         path = epath.Path(directory)
+        if not path.is_absolute():
+            # Orbax takes only absolute paths (a relative one would fail at restore as if the
+            # checkpoint were corrupt); cloud paths are absolute already.
+            path = path.absolute()
         if not read_only:
             _check_writable(path)
             _remove_unfinished_saves(path)

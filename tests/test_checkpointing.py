@@ -95,6 +95,22 @@ def test_round_trip_restores_every_field_and_the_metadata(tmp_path):
     assert restored.apply_fn is template.apply_fn and restored.tx is template.tx
 
 
+def test_a_relative_directory_saves_and_restores_against_the_current_directory(
+    tmp_path, monkeypatch
+):
+    mesh = mesh_of(1)
+    saved = trained_state(mesh)
+    monkeypatch.chdir(tmp_path)
+    save_steps("run/checkpoints", {3: saved})
+    monkeypatch.chdir(tmp_path / "run")
+    with Checkpointer("checkpoints", read_only=True) as checkpointer:
+        assert checkpointer.directory == str(tmp_path / "run" / "checkpoints")
+        assert checkpointer.latest_step() == 3
+        restored, _ = checkpointer.restore(fresh_state(mesh))
+
+    assert_states_equal(restored, saved)
+
+
 def test_keeps_the_last_k_and_reports_the_latest(tmp_path):
     mesh = mesh_of(8)
     states = {number: trained_state(mesh, seed=number) for number in range(1, 5)}
