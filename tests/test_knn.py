@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from simclr_jax.evaluation import knn_accuracy, knn_predict, nearest_neighbours
+from simclr_jax.evaluation import (
+    knn_accuracies,
+    knn_accuracy,
+    knn_predict,
+    knn_predictions,
+    nearest_neighbours,
+)
 
 NUM_CLASSES = 5
 
@@ -45,6 +51,43 @@ def test_matches_brute_force(k, temperature):
     predicted = knn_predict(train, train_labels, queries, NUM_CLASSES, k=k, temperature=temperature)
     expected = _reference_knn(train, train_labels, queries, k, temperature)
     np.testing.assert_array_equal(np.asarray(predicted), expected)
+
+
+def test_several_vote_rules_from_one_pass_match_brute_force_each():
+    train, train_labels, queries, _ = _data(seed=11)
+    # Exact copies of train rows tie in similarity; with k=5 or 20 the nearest of them may sit
+    # across the cut, where only the lower row index may be taken.
+    train = np.concatenate([train, train[:100]])
+    train_labels = np.concatenate([train_labels, (train_labels[:100] + 1) % NUM_CLASSES])
+    votes = [(20, 0.07), (1, None), (5, None), (20, None), (5, 0.5)]
+    predicted = knn_predictions(
+        train, train_labels, queries, NUM_CLASSES, votes, query_batch_size=16
+    )
+    assert list(predicted) == votes
+    for k, temperature in votes:
+        expected = _reference_knn(train, train_labels, queries, k, temperature)
+        np.testing.assert_array_equal(np.asarray(predicted[(k, temperature)]), expected)
+
+
+def test_accuracies_of_several_vote_rules_equal_one_rule_at_a_time():
+    train, train_labels, queries, query_labels = _data(seed=13)
+    votes = [(3, None), (30, 0.1), (3, 0.1)]
+    accuracies = knn_accuracies(train, train_labels, queries, query_labels, NUM_CLASSES, votes)
+    for k, temperature in votes:
+        alone = knn_accuracy(
+            train, train_labels, queries, query_labels, NUM_CLASSES, k=k, temperature=temperature
+        )
+        assert accuracies[(k, temperature)] == alone
+
+
+def test_any_bad_vote_rule_is_refused_before_any_work():
+    train, train_labels, queries, _ = _data(seed=0, num_train=10)
+    with pytest.raises(ValueError, match=r"k=11 .* \(10\)"):
+        knn_predictions(train, train_labels, queries, NUM_CLASSES, [(5, None), (11, 0.1)])
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        knn_predictions(train, train_labels, queries, NUM_CLASSES, [(5, None), (5, -1.0)])
+    with pytest.raises(ValueError, match="votes is empty"):
+        knn_predictions(train, train_labels, queries, NUM_CLASSES, [])
 
 
 def test_majority_ties_go_to_lowest_class():

@@ -1,7 +1,13 @@
 """Evaluation of frozen representations: feature extraction, linear probe and k-NN."""
 
 from simclr_jax.evaluation.features import extract_features
-from simclr_jax.evaluation.knn import knn_accuracy, knn_predict, nearest_neighbours
+from simclr_jax.evaluation.knn import (
+    knn_accuracies,
+    knn_accuracy,
+    knn_predict,
+    knn_predictions,
+    nearest_neighbours,
+)
 from simclr_jax.evaluation.linear_probe import (
     DEFAULT_L2_GRID,
     LogisticRegression,
@@ -16,8 +22,10 @@ __all__ = [
     "LogisticRegression",
     "extract_features",
     "fit_logistic_regression",
+    "knn_accuracies",
     "knn_accuracy",
     "knn_predict",
+    "knn_predictions",
     "linear_probe_accuracy",
     "nearest_neighbours",
     "predict",

@@ -8,11 +8,13 @@ train examples and votes:
 
 The predicted class is the one with the largest vote total; ties go to the lowest class index.
 Among train examples equally similar to a query, the one with the lower row index is taken first.
+Several vote rules (k, temperature) share one similarity pass (:func:`knn_predictions`).
 Queries are processed in chunks of ``query_batch_size``, so memory is bounded by a
 ``[query_batch_size, n_train]`` similarity block whatever the number of queries.
 """
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,29 +46,96 @@ def nearest_neighbours(
     return np.asarray(neighbours)
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "k", "temperature"))
+Vote = tuple[int, float | None]
+"""A kNN vote rule: ``(k, temperature)``, ``temperature=None`` for a plain majority."""
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "votes"))
 def _predict_chunk(
     bank: jax.Array,
     bank_labels: jax.Array,
     queries: jax.Array,
     num_classes: int,
-    k: int,
-    temperature: float | None,
+    votes: tuple[Vote, ...],
 ) -> jax.Array:
-    """Predicted labels of ``queries [b, d]`` against the L2-normalised ``bank [n, d]``."""
-    neighbours, top_similarity = _neighbours(bank, queries, k)
-    if temperature is None:
-        votes = jnp.ones_like(top_similarity)
-    else:
-        # Shifting by each query's best similarity rescales its votes without changing the
-        # winner, and keeps exp() finite for any temperature.
-        votes = jnp.exp((top_similarity - top_similarity[:, :1]) / temperature)
+    """Predicted labels ``[len(votes), b]`` of ``queries [b, d]`` against the L2-normalised
+    ``bank [n, d]``, one row per vote rule. The similarities and the neighbours are computed
+    once, for the largest k: the first k of those are the k nearest (top_k is stable)."""
+    neighbours, top_similarity = _neighbours(bank, queries, max(k for k, _ in votes))
+    neighbour_labels = bank_labels[neighbours]
 
-    def tally(labels, votes):
-        return jnp.zeros(num_classes, votes.dtype).at[labels].add(votes)
+    def tally(labels, weights):
+        return jnp.zeros(num_classes, weights.dtype).at[labels].add(weights)
 
-    scores = jax.vmap(tally)(bank_labels[neighbours], votes)
-    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    predictions = []
+    for k, temperature in votes:
+        similarity = top_similarity[:, :k]
+        if temperature is None:
+            weights = jnp.ones_like(similarity)
+        else:
+            # Shifting by each query's best similarity rescales its votes without changing the
+            # winner, and keeps exp() finite for any temperature.
+            weights = jnp.exp((similarity - similarity[:, :1]) / temperature)
+        scores = jax.vmap(tally)(neighbour_labels[:, :k], weights)
+        predictions.append(jnp.argmax(scores, axis=-1).astype(jnp.int32))
+    return jnp.stack(predictions)
+
+
+def knn_predictions(
+    train_features: jax.Array | np.ndarray,
+    train_labels: jax.Array | np.ndarray,
+    query_features: jax.Array | np.ndarray,
+    num_classes: int,
+    votes: Sequence[Vote],
+    query_batch_size: int = 512,
+) -> dict[Vote, jax.Array]:
+    """Labels ``[n_query]`` (int32) predicted by a k-NN vote over the labelled train examples,
+    for each vote rule ``(k, temperature)`` in ``votes``, from one similarity pass.
+
+    Args:
+      train_features: ``[n_train, d]`` features of the reference set.
+      train_labels: ``[n_train]`` labels in ``[0, num_classes)``; rows with a negative label are
+        unlabelled and never used as neighbours.
+      query_features: ``[n_query, d]`` features to classify (a NumPy array is moved to the
+        device one chunk at a time).
+      num_classes: number of classes.
+      votes: ``(k, temperature)`` pairs: ``k`` neighbours, at most the number of labelled train
+        examples; ``temperature`` ``None`` for a plain majority vote, else ``T > 0`` for
+        ``exp(sim / T)`` votes.
+      query_batch_size: number of queries per chunk.
+    """
+    labels = np.asarray(train_labels)
+    labelled = labels >= 0
+    num_labelled = int(np.sum(labelled))
+    votes = tuple(dict.fromkeys((int(k), temperature) for k, temperature in votes))
+    if not votes:
+        raise ValueError("votes is empty: give at least one (k, temperature) pair.")
+    for k, temperature in votes:
+        if not 1 <= k <= num_labelled:
+            raise ValueError(
+                f"k={k} must be between 1 and the number of labelled train examples "
+                f"({num_labelled})."
+            )
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"temperature must be positive or None, got {temperature}.")
+    if query_batch_size < 1:
+        raise ValueError(f"query_batch_size must be positive, got {query_batch_size}.")
+    bank = l2_normalize(jnp.asarray(train_features, jnp.float32)[labelled])
+    bank_labels = jnp.asarray(labels[labelled], jnp.int32)
+
+    num_queries = len(query_features)
+    chunk_size = max(1, min(query_batch_size, num_queries))
+    chunks = []
+    for start in range(0, num_queries, chunk_size):
+        chunk = jnp.asarray(query_features[start : start + chunk_size], jnp.float32)
+        num_valid = chunk.shape[0]
+        # Pad the last chunk to the common size so that one compilation serves every chunk.
+        chunk = jnp.pad(chunk, ((0, chunk_size - num_valid), (0, 0)))
+        chunks.append(_predict_chunk(bank, bank_labels, chunk, num_classes, votes)[:, :num_valid])
+    if not chunks:
+        return {vote: jnp.zeros((0,), jnp.int32) for vote in votes}
+    predicted = jnp.concatenate(chunks, axis=1)
+    return {vote: predicted[i] for i, vote in enumerate(votes)}
 
 
 def knn_predict(
@@ -78,46 +147,34 @@ def knn_predict(
     temperature: float | None = None,
     query_batch_size: int = 512,
 ) -> jax.Array:
-    """Labels ``[n_query]`` (int32) predicted by a k-NN vote over the labelled train examples.
+    """Labels ``[n_query]`` (int32) of :func:`knn_predictions` for the one vote rule
+    ``(k, temperature)``."""
+    vote = (k, temperature)
+    return knn_predictions(
+        train_features, train_labels, query_features, num_classes, [vote], query_batch_size
+    )[vote]
 
-    Args:
-      train_features: ``[n_train, d]`` features of the reference set.
-      train_labels: ``[n_train]`` labels in ``[0, num_classes)``; rows with a negative label are
-        unlabelled and never used as neighbours.
-      query_features: ``[n_query, d]`` features to classify (a NumPy array is moved to the
-        device one chunk at a time).
-      num_classes: number of classes.
-      k: number of neighbours, at most the number of labelled train examples.
-      temperature: ``None`` for a plain majority vote, else ``T > 0`` for ``exp(sim / T)`` votes.
-      query_batch_size: number of queries per chunk.
-    """
-    labels = np.asarray(train_labels)
+
+def knn_accuracies(
+    train_features: jax.Array | np.ndarray,
+    train_labels: jax.Array | np.ndarray,
+    query_features: jax.Array | np.ndarray,
+    query_labels: jax.Array | np.ndarray,
+    num_classes: int,
+    votes: Sequence[Vote],
+    query_batch_size: int = 512,
+) -> dict[Vote, float]:
+    """Top-1 accuracy of :func:`knn_predictions` over the labelled queries (negative labels
+    skipped), for each vote rule."""
+    predictions = knn_predictions(
+        train_features, train_labels, query_features, num_classes, votes, query_batch_size
+    )
+    labels = jnp.asarray(query_labels)
     labelled = labels >= 0
-    num_labelled = int(np.sum(labelled))
-    if not 1 <= k <= num_labelled:
-        raise ValueError(
-            f"k={k} must be between 1 and the number of labelled train examples ({num_labelled})."
-        )
-    if temperature is not None and not temperature > 0:
-        raise ValueError(f"temperature must be positive or None, got {temperature}.")
-    if query_batch_size < 1:
-        raise ValueError(f"query_batch_size must be positive, got {query_batch_size}.")
-    bank = l2_normalize(jnp.asarray(train_features, jnp.float32)[labelled])
-    bank_labels = jnp.asarray(labels[labelled], jnp.int32)
-
-    num_queries = len(query_features)
-    chunk_size = max(1, min(query_batch_size, num_queries))
-    predictions = []
-    for start in range(0, num_queries, chunk_size):
-        chunk = jnp.asarray(query_features[start : start + chunk_size], jnp.float32)
-        num_valid = chunk.shape[0]
-        # Pad the last chunk to the common size so that one compilation serves every chunk.
-        chunk = jnp.pad(chunk, ((0, chunk_size - num_valid), (0, 0)))
-        predicted = _predict_chunk(bank, bank_labels, chunk, num_classes, k, temperature)
-        predictions.append(predicted[:num_valid])
-    if not predictions:
-        return jnp.zeros((0,), jnp.int32)
-    return jnp.concatenate(predictions)
+    return {
+        vote: float(jnp.sum((predicted == labels) & labelled) / jnp.sum(labelled))
+        for vote, predicted in predictions.items()
+    }
 
 
 def knn_accuracy(
@@ -131,15 +188,13 @@ def knn_accuracy(
     query_batch_size: int = 512,
 ) -> float:
     """Top-1 accuracy of :func:`knn_predict` over the labelled queries (negative labels skipped)."""
-    predictions = knn_predict(
+    vote = (k, temperature)
+    return knn_accuracies(
         train_features,
         train_labels,
         query_features,
+        query_labels,
         num_classes,
-        k=k,
-        temperature=temperature,
-        query_batch_size=query_batch_size,
-    )
-    labels = jnp.asarray(query_labels)
-    labelled = labels >= 0
-    return float(jnp.sum((predictions == labels) & labelled) / jnp.sum(labelled))
+        [vote],
+        query_batch_size,
+    )[vote]

@@ -132,29 +132,38 @@ def linear(run: Run) -> dict[str, Any]:
 
 
 def _knn(
-    run: Run, k: int, temperature: float | None, train=None, test=None, key: str = "h"
-) -> float:
-    """kNN top-1 on ``test[key]`` against ``train[key]`` (default: the run's ``h``)."""
+    run: Run, votes: list[knn.Vote], train=None, test=None, key: str = "h"
+) -> dict[knn.Vote, float]:
+    """kNN top-1 of each vote rule ``(k, temperature)`` on ``test[key]`` against ``train[key]``
+    (default: the run's ``h``), from one similarity pass."""
     train, test = train or run.train, test or run.test
-    return knn.knn_accuracy(
+    return knn.knn_accuracies(
         train[key],
         train["label"],
         test[key],
         test["label"],
         num_classes=run.experiment.num_classes,
-        k=k,
-        temperature=temperature,
+        votes=votes,
     )
+
+
+def _weighted_votes(run: Run) -> list[knn.Vote]:
+    """The weighted vote ``(k, evaluation.knn_temperature)`` at each of ``evaluation.knn_ks``."""
+    evaluation = run.config.evaluation
+    return [(k, evaluation.knn_temperature) for k in evaluation.knn_ks]
 
 
 def knn_protocol(run: Run) -> dict[str, Any]:
     """kNN on cosine similarity of ``h``: each k with majority and exp(sim / T) votes."""
-    results = {}
-    for k in run.config.evaluation.knn_ks:
-        for temperature in (None, run.config.evaluation.knn_temperature):
-            name = f"k={k} " + ("majority" if temperature is None else f"T={temperature:g}")
-            results[name] = _knn(run, k, temperature)
-    return results
+    votes = [
+        (k, temperature)
+        for k in run.config.evaluation.knn_ks
+        for temperature in (None, run.config.evaluation.knn_temperature)
+    ]
+    return {
+        f"k={k} " + ("majority" if temperature is None else f"T={temperature:g}"): accuracy
+        for (k, temperature), accuracy in _knn(run, votes).items()
+    }
 
 
 def label_budget(run: Run) -> dict[str, Any]:
@@ -357,8 +366,8 @@ def monitor(run: Run, *, linear: bool = False) -> dict[str, float]:
     results = {
         "online_probe_top1": float(linear_probe.top_k_accuracy(test["logits"], test["label"], 1))
     }
-    for k in run.config.evaluation.knn_ks:
-        results[f"knn_k{k}_top1"] = _knn(run, k, run.config.evaluation.knn_temperature)
+    for (k, _), accuracy in _knn(run, _weighted_votes(run)).items():
+        results[f"knn_k{k}_top1"] = accuracy
     if linear:
         results["linear_probe_top1"] = float(_logistic_regression(run, run.train, test)["top1"])
     return results
@@ -383,11 +392,8 @@ def baselines(run: Run) -> dict[str, float]:
             _logistic_regression(run, raw_train, raw_test, "pixels")["top1"]
         ),
     }
-    temperature = config.evaluation.knn_temperature
-    for k in config.evaluation.knn_ks:
-        results[f"baseline_raw_pixels_knn_k{k}_top1"] = _knn(
-            run, k, temperature, raw_train, raw_test, "pixels"
-        )
+    for (k, _), accuracy in _knn(run, _weighted_votes(run), raw_train, raw_test, "pixels").items():
+        results[f"baseline_raw_pixels_knn_k{k}_top1"] = accuracy
     if config.random_encoder_baseline:
         random_state = jax.device_put(
             run.experiment.initial_state(config.seed + 1), parallel.replicated(mesh)
