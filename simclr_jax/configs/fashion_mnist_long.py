@@ -1,5 +1,5 @@
-"""Fashion-MNIST with more compute: today's fashion_mnist recipe on a ResNet-18 twice as wide
-(h has 256 features instead of 128), for 8 epochs instead of 4, sized to finish inside 2 hours on
+"""Fashion-MNIST with more compute: the fashion_mnist recipe on a ResNet-18 twice as wide (h has
+256 features instead of 128), for 8 epochs instead of 4, sized to finish inside 2 hours on
 2 CPU cores (README, Results, for the measured time).
 
 Run:   python -m simclr_jax.train --config=fashion_mnist_long --workdir=workdirs/fashion_mnist_long

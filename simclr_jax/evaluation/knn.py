@@ -107,7 +107,7 @@ def knn_predictions(
     labels = np.asarray(train_labels)
     labelled = labels >= 0
     num_labelled = int(np.sum(labelled))
-    votes = tuple(dict.fromkeys((int(k), temperature) for k, temperature in votes))
+    votes = tuple(dict.fromkeys((k, temperature) for k, temperature in votes))
     if not votes:
         raise ValueError("votes is empty: give at least one (k, temperature) pair.")
     for k, temperature in votes:
