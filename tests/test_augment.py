@@ -326,6 +326,21 @@ def test_brightness_modes_on_single_channel(mode, to_factor, centre):
     assert samples.min() < centre - 0.38 and samples.max() > centre + 0.38
 
 
+def test_strong_jitter_draws_factors_from_zero_not_below():
+    """Above strength 1.25 the factors' range starts at 0 (``max(0, 1 - 0.8s)``): uniform on
+    [0, 1 + 0.8s], with no mass piled at 0 as clipping a negative factor's output would give."""
+    strength, value, draws = 1.5, 0.4, 2000  # 0.4 · 2.2 < 1: no clipping at the top either
+    image = np.full((4, 4, 1), value, np.float32)  # Contrast is the identity on a constant image.
+    outputs = augment.color_jitter(np.broadcast_to(image, (draws, 4, 4, 1)), [5, 2], strength)
+    factors = outputs.numpy()[:, 0, 0, 0] / value
+    high = 1 + 0.8 * strength
+    assert factors.min() >= 0.0 and factors.max() <= high + 1e-5
+    assert np.mean(factors < 1e-4) < 0.001
+    assert factors.min() < 0.05 * high and factors.max() > 0.95 * high
+    bounds = _binomial_bounds(draws, 0.5 / high)
+    assert bounds[0] <= np.sum(factors < 0.5) <= bounds[1]
+
+
 def test_color_jitter_order_is_random():
     """Brightness (B) and contrast (C) commute except for clipping, which reveals the order.
 
