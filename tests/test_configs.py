@@ -29,7 +29,7 @@ def drop_the_settings_pinned_before_the_eighth_round(recipe, base):
     jitter."""
     assert (recipe.augment.crop_area_min, base.augment.crop_area_min) == (0.4, 0.6)
     assert (recipe.model.projection_layers, base.model.projection_layers) == (2, 3)
-    assert (recipe.augment.color_jitter_strength, base.augment.color_jitter_strength) == (0.5, 1.5)
+    assert (recipe.augment.color_jitter_strength, base.augment.color_jitter_strength) == (0.5, 2.0)
     for config in (recipe, base):
         del config.augment.crop_area_min, config.model.projection_layers
         del config.augment.color_jitter_strength
@@ -54,7 +54,7 @@ def test_long_recipe_is_fashion_mnist_twice_as_wide_for_twice_the_epochs():
     recipe, base = configs.load("fashion_mnist_long"), configs.load("fashion_mnist")
     assert (recipe.model.base_width, base.model.base_width) == (32, 16)
     assert (recipe.epochs, base.epochs) == (8, 4)
-    assert (recipe.augment.color_jitter_strength, base.augment.color_jitter_strength) == (1.0, 1.5)
+    assert (recipe.augment.color_jitter_strength, base.augment.color_jitter_strength) == (1.0, 2.0)
     del recipe.augment.color_jitter_strength, base.augment.color_jitter_strength
     h_features = {
         name: resnet_feature_dim(c.model.depth, c.model.width_multiplier, c.model.base_width)
