@@ -8,10 +8,12 @@ multi-crop small views beside them, which views/s does not count); the step's
 FLOPs; the FLOP/s achieved; and utilisation against the float32 matmul FLOP/s that the same
 process measures on the same devices.
 
-``flops_per_step`` is the model's work over all devices, whichever ``conv_impl`` is timed: XLA's
-cost analysis (one device's share) of the same step compiled (not run) with ``conv_impl="xla"``,
-times the devices, so every formulation is measured against the same count;
-``achieved_flops_per_s`` and ``utilisation`` divide it by the timed step.
+``flops_per_step`` is the step's work over the whole batch, whatever the devices and ``conv_impl``
+timed (:func:`step_flops`): XLA's cost analysis of the same step at the global batch, compiled
+(never run) for one CPU device with XLA's own convolutions. Every formulation and every backend
+is measured against that one count: on GPUs, XLA hands convolutions to cuDNN as custom calls,
+which its cost analysis does not count. ``achieved_flops_per_s`` and ``utilisation`` divide it by
+the timed step.
 The record names the compiler options the step was compiled with
 (:func:`simclr_jax.kernels.compiler_options`).
 
@@ -40,7 +42,7 @@ import statistics
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +54,6 @@ from simclr_jax import (
     compile_check,
     config_checks,
     configs,
-    input_throughput,
     jsonio,
     kernels,
     optim,
@@ -61,10 +62,11 @@ from simclr_jax import (
     timing,
 )
 from simclr_jax.cpu import conv_layers
+from simclr_jax.data import metadata
 from simclr_jax.models import CONV_PRECISIONS, XLA_LAYERS, Layers, SimCLR, simclr_resnet
 
-if TYPE_CHECKING:  # imports TensorFlow: the recipe path imports it late
-    from simclr_jax.data import pipeline
+# The timed step's constant learning rate (its work is the same at any value).
+LEARNING_RATE = 0.1
 
 
 @dataclass(frozen=True)
@@ -94,19 +96,21 @@ class StepSetup:
 
 
 def setup_from_config(
-    config: ml_collections.ConfigDict, info: pipeline.DatasetInfo | None = None
+    config: ml_collections.ConfigDict, info: metadata.DatasetInfo | None = None
 ) -> StepSetup:
     """The step a recipe trains: its model, global batch, dtype and optimiser, at the image shape
-    of its dataset's metadata ``info`` (None: read from the dataset, which must be prepared)."""
-    from simclr_jax.data import pipeline
+    of its dataset's metadata ``info`` (None: read from the dataset, which must be prepared, with
+    TensorFlow)."""
+    if info is None:
+        from simclr_jax.data import pipeline
 
-    info = info or pipeline.dataset_info(
-        config.dataset,
-        config.train_split,
-        data_dir=config.data_dir or None,
-        dataset_dir=config.dataset_dir or None,
-        check_images=False,  # the images are not read
-    )
+        info = pipeline.dataset_info(
+            config.dataset,
+            config.train_split,
+            data_dir=config.data_dir or None,
+            dataset_dir=config.dataset_dir or None,
+            check_images=False,  # the images are not read
+        )
     height, _, channels = info.image_shape
     image_size = config.image_size or height
     num_small_crops = config.augment.num_small_crops
@@ -162,6 +166,48 @@ def _model(setup: StepSetup, layers: Layers) -> SimCLR:
     )
 
 
+def _image_shape(setup: StepSetup) -> tuple[int, int, int]:
+    return (setup.image_size, setup.image_size, setup.channels)
+
+
+def _initial_state(setup: StepSetup, layers: Layers) -> step.TrainState:
+    tx = optim.create_optimizer(setup.optimizer, LEARNING_RATE, weight_decay=1e-6)
+    # Any initial values do: RngBitGenerator keys compile far faster than threefry on a CPU.
+    init_key = jax.random.key(0, impl="rbg")
+    return step.create_train_state(_model(setup, layers), tx, init_key, _image_shape(setup))
+
+
+def _jit_step(setup: StepSetup, mesh: jax.sharding.Mesh):
+    return step.jit_train_step(
+        mesh,
+        temperature=setup.temperature,
+        learning_rate_fn=lambda _: LEARNING_RATE,
+        objective=setup.objective,
+    )
+
+
+def step_flops(setup: StepSetup) -> float:
+    """The FLOPs of one training step of ``setup`` over its whole batch, the same on every
+    backend and for every ``conv_impl``.
+
+    XLA's cost analysis of the step compiled, never run, for one CPU device (JAX starts its CPU
+    backend beside any accelerator's, unless ``JAX_PLATFORMS`` leaves it out) from shapes alone,
+    at the global batch, with XLA's own convolutions (:data:`~simclr_jax.models.XLA_LAYERS`):
+    XLA:CPU compiles those itself, so it counts them, where the GPU compiler hands them to cuDNN
+    as custom calls that its cost analysis leaves out (as oneDNN's kernels are on a CPU).
+    """
+    mesh = parallel.data_mesh(jax.local_devices(backend="cpu")[:1])
+    arguments = compile_check.abstract_step_arguments(
+        lambda: _initial_state(setup, XLA_LAYERS),
+        mesh,
+        setup.batch,
+        _image_shape(setup),
+        setup.num_small_crops,
+        setup.small_crop_size,
+    )
+    return compile_check.compiled_flops(_jit_step(setup, mesh).lower(*arguments).compile())
+
+
 def benchmark_step(
     setup: StepSetup, steps: int = 10, warmup: int = 2, devices: int | None = None
 ) -> dict[str, Any]:
@@ -172,16 +218,9 @@ def benchmark_step(
         raise ValueError(f"--devices must be in [1, {len(available)}], got {devices}.")
     mesh = parallel.data_mesh(available[:devices])
     parallel.check_global_batch_size(setup.batch, mesh, "--batch")
-    learning_rate = 0.1
-    tx = optim.create_optimizer(setup.optimizer, learning_rate, weight_decay=1e-6)
-    image_shape = (setup.image_size, setup.image_size, setup.channels)
-    # Any initial values do: RngBitGenerator keys compile far faster than threefry on a CPU.
-    init_key = jax.random.key(0, impl="rbg")
+    image_shape = _image_shape(setup)
     layers = kernels.for_mesh(setup.conv_impl, mesh, setup.conv_precision)
-    state = jax.device_put(
-        step.create_train_state(_model(setup, layers), tx, init_key, image_shape),
-        parallel.replicated(mesh),
-    )
+    state = jax.device_put(_initial_state(setup, layers), parallel.replicated(mesh))
     rng = np.random.default_rng(0)
     host_batch = {
         "views": rng.uniform(size=(setup.batch, 2, *image_shape)).astype(np.float32),
@@ -194,21 +233,8 @@ def benchmark_step(
         ).astype(np.float32)
     batch = parallel.host_batch_to_global(host_batch, mesh)
     key = jax.random.key(1)
-    train_step = step.jit_train_step(
-        mesh,
-        temperature=setup.temperature,
-        learning_rate_fn=lambda _: learning_rate,
-        objective=setup.objective,
-    )
-    compiled = train_step.lower(state, batch, key).compile()
-    if layers == XLA_LAYERS:
-        flops_per_device = compile_check.compiled_flops(compiled)
-    else:  # the same parameters, computed by XLA's own convolutions: compiled, never run
-        xla_state = state.replace(apply_fn=_model(setup, XLA_LAYERS).apply)
-        flops_per_device = compile_check.compiled_flops(
-            train_step.lower(xla_state, batch, key).compile()
-        )
-    flops = flops_per_device * mesh.devices.size  # the step's work over all devices
+    compiled = _jit_step(setup, mesh).lower(state, batch, key).compile()
+    flops = step_flops(setup)
 
     def run_one():
         nonlocal state
@@ -259,6 +285,8 @@ def conv_layer_fields(setup: StepSetup, devices: int) -> dict[str, Any]:
 def input_fields(config: ml_collections.ConfigDict, step_views_per_s: float) -> dict[str, float]:
     """``input_pairs_per_s`` of ``config``'s pretraining pipeline (this process, model-free) and
     ``input_headroom``: the views it makes per second over those the step consumes per process."""
+    from simclr_jax import input_throughput  # imports TensorFlow: the pure step does not need it
+
     measured = input_throughput.measure_pretrain_throughput(config)
     consumed = step_views_per_s / jax.process_count()
     return {

@@ -19,7 +19,8 @@ float32 matmuls and convolutions in bfloat16 passes at default precision).
 compiles for N such slices joined over the data-centre network, the data axis spanning them all.
 ``--config.FIELD=VALUE`` overrides the recipe (batch size, ``model.dtype``, ``loss_block_size``,
 ...). The dataset need not be present: its size and classes come from TFDS's metadata when it is
-prepared, otherwise from the published sizes in :data:`PUBLISHED_SPLITS`.
+prepared, otherwise from the published sizes in
+:data:`simclr_jax.data.metadata.PUBLISHED_SPLITS`.
 
 Needs libtpu: ``make tpu-compiler`` keeps it in ``.tpu-compiler/`` of the repository, or ``pip
 install libtpu`` (the version the installed jax asks for).
@@ -34,7 +35,7 @@ import json
 import os
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -44,9 +45,9 @@ from absl import logging as absl_logging
 from jax.experimental import topologies
 
 from simclr_jax import cli, config_checks, configs, parallel, step
+from simclr_jax.data import metadata
 
-if TYPE_CHECKING:  # both import TensorFlow (metadata only): the command imports them late
-    from simclr_jax.data import pipeline
+if TYPE_CHECKING:  # imports TensorFlow (metadata only): the command imports it late
     from simclr_jax.experiment import Experiment
 
 # Where `make tpu-compiler` keeps libtpu, outside the environment (see the Makefile).
@@ -84,16 +85,6 @@ CHIPS = (
     # cloud.google.com/tpu/docs/v6e ("Chip specifications": 918 TFLOP/s bf16, 32 GiB HBM).
     Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * 2**30),
 )
-
-# Training-split sizes, classes and image shapes as published (TFDS catalogue), for datasets
-# that are not prepared on the compiling host. Height and width None: images vary in size.
-PUBLISHED_SPLITS = {
-    ("imagenet2012", "train"): (1_281_167, 1000, (None, None, 3)),
-    ("cifar10", "train"): (50_000, 10, (32, 32, 3)),
-    ("cifar100", "train"): (50_000, 100, (32, 32, 3)),
-    ("stl10", "unlabelled"): (100_000, 10, (96, 96, 3)),
-    ("fashion_mnist", "train"): (60_000, 10, (28, 28, 1)),
-}
 
 
 def configure_libtpu() -> bool:
@@ -152,9 +143,9 @@ def chip(devices: Sequence[jax.Device]) -> Chip:
     )
 
 
-def dataset_info(config: ml_collections.ConfigDict) -> pipeline.DatasetInfo:
+def dataset_info(config: ml_collections.ConfigDict) -> metadata.DatasetInfo:
     """The training split's metadata: from TFDS if the dataset is prepared here, otherwise the
-    published figures (:data:`PUBLISHED_SPLITS`).
+    published figures (:func:`simclr_jax.data.metadata.published_info`).
 
     Raises:
       ValueError: neither is available.
@@ -167,38 +158,56 @@ def dataset_info(config: ml_collections.ConfigDict) -> pipeline.DatasetInfo:
             config.dataset, config.train_split, check_images=False, **with_data
         )
     except FileNotFoundError:
-        published = PUBLISHED_SPLITS.get((config.dataset, config.train_split))
+        published = metadata.published_info(config.dataset, config.train_split)
         if published is None:
             raise ValueError(
                 f"{config.dataset} is not prepared here and split {config.train_split!r} has no "
                 f"published size in this command's table; prepare it (or set data_dir)."
             ) from None
-        return pipeline.DatasetInfo(config.dataset, *published)
+        return published
 
 
-def abstract_train_arguments(experiment: Experiment) -> tuple[Any, Any, jax.ShapeDtypeStruct]:
-    """The train step's (state, batch, key) as shapes with the shardings the trainer uses:
-    state and key replicated, batch split over the mesh's ``data`` axis."""
-    mesh = experiment.mesh
+def abstract_step_arguments(
+    initial_state: Callable[[], step.TrainState],
+    mesh: jax.sharding.Mesh,
+    batch_size: int,
+    image_shape: tuple[int, int, int],
+    num_small_crops: int = 0,
+    small_crop_size: int = 0,
+) -> tuple[Any, Any, jax.ShapeDtypeStruct]:
+    """A train step's (state, batch, key) over ``mesh`` as shapes, nothing computed, with the
+    shardings the trainer uses: the state ``initial_state()`` would return and the key
+    replicated; a global batch of ``batch_size`` images split over the mesh's ``data`` axis,
+    each two views of ``image_shape`` and a label, and ``num_small_crops`` multi-crop views of
+    ``small_crop_size`` pixels a side, if any, as the pipeline adds them."""
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    state = jax.eval_shape(lambda: experiment.initial_state(0))
+    state = jax.eval_shape(initial_state)
     state = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state
     )
-    batch_size = experiment.config.global_batch_size
     batch = {
-        "views": jax.ShapeDtypeStruct(
-            (batch_size, 2, *experiment.image_shape), jnp.float32, sharding=sharded
-        ),
+        "views": jax.ShapeDtypeStruct((batch_size, 2, *image_shape), jnp.float32, sharding=sharded),
         "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharded),
     }
-    num_small = experiment.config.augment.num_small_crops
-    if num_small:  # multi-crop's small views, as the pipeline adds them
-        side = config_checks.small_crop_size(experiment.config, experiment.image_size)
-        shape = (batch_size, num_small, side, side, experiment.image_shape[-1])
+    if num_small_crops:
+        shape = (batch_size, num_small_crops, small_crop_size, small_crop_size, image_shape[-1])
         batch["small_views"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharded)
     key = jax.eval_shape(lambda: jax.random.key(0))
     return state, batch, jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+
+
+def abstract_train_arguments(experiment: Experiment) -> tuple[Any, Any, jax.ShapeDtypeStruct]:
+    """The experiment's train step's (state, batch, key) as shapes with the shardings the trainer
+    uses (:func:`abstract_step_arguments`)."""
+    num_small = experiment.config.augment.num_small_crops
+    return abstract_step_arguments(
+        lambda: experiment.initial_state(0),
+        experiment.mesh,
+        experiment.config.global_batch_size,
+        experiment.image_shape,
+        num_small,
+        config_checks.small_crop_size(experiment.config, experiment.image_size) if num_small else 0,
+    )
 
 
 def compile_train_step(experiment: Experiment) -> jax.stages.Compiled:
@@ -256,7 +265,7 @@ def projection(
 
 def check_topology(
     config: ml_collections.ConfigDict,
-    info: pipeline.DatasetInfo,
+    info: metadata.DatasetInfo,
     topology: str,
     num_slices: int = 1,
     mfu: float = 0.4,

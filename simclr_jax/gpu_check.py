@@ -12,9 +12,12 @@ it runs three things in one process and prints one JSON line:
   views/s and data-wait fraction over the logged intervals after the first.
 
 The two steps are timed by :func:`simclr_jax.benchmark.benchmark_step` on synthetic device inputs
-(pure step time; neither dataset is needed). Each reports views/s (two per image) and its MFU:
-FLOPs per device per step (XLA's cost analysis) / step time / the GPU's published dense peak
-(:data:`GPUS`). A bfloat16 step is measured against the bfloat16 peak, a float32 step against the
+(pure step time; neither dataset is needed, nor TensorFlow: the steps take the datasets' published
+image shapes). Each reports views/s (two per image) and its MFU: FLOPs per device per step / step
+time / the GPU's published dense peak (:data:`GPUS`). The FLOPs per device are the step's over all
+GPUs divided by the GPUs, counted by :func:`simclr_jax.benchmark.step_flops` on the step compiled
+for one CPU device: XLA's GPU compiler hands the convolutions to cuDNN, and its cost analysis
+leaves them out. A bfloat16 step is measured against the bfloat16 peak, a float32 step against the
 TF32 peak: at JAX's default precision these GPUs compute float32 convolutions and matmuls in TF32.
 On a device without a published figure (another GPU, a CPU) the peak is the float32 matmul FLOP/s
 the benchmark measures there, and ``peak_source`` says so.
@@ -37,9 +40,9 @@ from typing import Any
 
 import jax
 
-from simclr_jax import benchmark, cli, compile_check, configs
+from simclr_jax import benchmark, cli, configs
 from simclr_jax.benchmark import StepSetup
-from simclr_jax.data import fashion_mnist_offline
+from simclr_jax.data import metadata
 
 # A CIFAR-10-sized epoch: the training split's images.
 CIFAR10_TRAIN_IMAGES = 50_000
@@ -136,7 +139,8 @@ def recipe_step(name: str, batch: int, smoke: bool) -> StepSetup:
     """The step of shipped recipe ``name`` at global ``batch``, shrunk to
     :data:`SMOKE_SIZES` with ``smoke``. Its dataset need not be here (its published size is)."""
     config = configs.load(name)
-    setup = benchmark.setup_from_config(config, compile_check.dataset_info(config))
+    info = metadata.published_info(config.dataset, config.train_split)
+    setup = benchmark.setup_from_config(config, info)
     setup = dataclasses.replace(setup, batch=batch)
     return dataclasses.replace(setup, **SMOKE_SIZES) if smoke else setup
 
@@ -187,6 +191,8 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
             f"JAX's backend is {backend!r}, not 'gpu': install jax[cuda12] as the README says "
             "(or pass --smoke for the reduced run on this device)."
         )
+    from simclr_jax.data import fashion_mnist_offline  # imports TensorFlow Datasets: only here
+
     fashion_mnist_offline.prepare_fashion_mnist_offline(args.data_dir, args.fashion_mnist_files)
     devices = jax.devices()[: args.devices]
     kind = devices[0].device_kind

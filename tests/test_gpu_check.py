@@ -1,11 +1,32 @@
 """The GPU check: its smoke run end to end on a CPU, its peak table and its MFU arithmetic."""
 
 import json
+import subprocess
+import sys
 
+import cli_runs
 import pytest
 
 from simclr_jax import gpu_check
 from simclr_jax.benchmark import StepSetup
+
+# The check's two timed steps where TensorFlow and TFDS cannot be imported (a GPU image with JAX
+# alone): importing fails on the first module that asks for either.
+WITHOUT_TENSORFLOW = """
+import argparse, json, sys
+sys.modules["tensorflow"] = sys.modules["tensorflow_datasets"] = None
+from simclr_jax import benchmark, gpu_check
+args = argparse.Namespace(steps=1, warmup=0, devices=1)
+steps = {
+    name: gpu_check.time_step(gpu_check.recipe_step(name, 2, smoke=True), args, None)
+    for name in ("cifar10_resnet18", "imagenet_resnet50")
+}
+imported = [
+    name for name, module in sys.modules.items()
+    if module and name.startswith(("tensorflow", "simclr_jax.data."))
+]
+print(json.dumps({"steps": steps, "imported": imported}))
+"""
 
 
 def test_published_peaks_by_device_kind():
@@ -73,6 +94,25 @@ def test_the_smoke_run_prints_one_consistent_json_line(capsys, fashion_mnist_dat
     run = record["fashion_mnist_run"]
     assert run["config"] == "tiny" and run["steps"] == 4 and run["views_per_s"] > 0
     assert 0 <= run["data_wait_fraction"] <= 1
+
+
+def test_the_timed_steps_import_and_run_without_tensorflow():
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TENSORFLOW],
+        cwd=cli_runs.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=cli_runs.environment(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.splitlines()[-1])
+    # Only the TensorFlow-free metadata module of the data package, and no TensorFlow at all.
+    assert record["imported"] == ["simclr_jax.data.metadata"]
+    cifar10, imagenet = record["steps"]["cifar10_resnet18"], record["steps"]["imagenet_resnet50"]
+    assert cifar10["image_size"] == imagenet["image_size"] == 16  # --smoke's size
+    for step in (cifar10, imagenet):
+        assert step["flops_per_device_per_step"] > 0 and 0 < step["mfu"] < 1
 
 
 def test_no_gpu_or_no_data_is_one_error_line(tmp_path):

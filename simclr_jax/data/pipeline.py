@@ -37,13 +37,8 @@ from simclr_jax.data.augment import (
     small_views,
     small_views_batch,
 )
-from simclr_jax.data.sources import (
-    UNLABELLED,
-    DatasetInfo,
-    dataset_info,
-    open_source,
-    prepare_dataset,
-)
+from simclr_jax.data.metadata import DatasetInfo
+from simclr_jax.data.sources import UNLABELLED, dataset_info, open_source, prepare_dataset
 
 __all__ = [
     "DatasetInfo",

@@ -39,24 +39,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simclr_jax.data import fashion_mnist_offline
+from simclr_jax.data.metadata import DatasetInfo
 
 IMAGE_FOLDER = "image_folder"
 UNLABELLED = -1
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What a model and a schedule need to know about one split of a dataset.
-
-    `image_shape` is `(height, width, channels)`; height and width are None for datasets whose
-    images vary in size (e.g. `imagenet2012`).
-    """
-
-    name: str
-    num_examples: int
-    num_classes: int
-    image_shape: tuple[int | None, int | None, int]
 
 
 @dataclasses.dataclass(frozen=True)
