@@ -186,6 +186,23 @@ def _jit_step(setup: StepSetup, mesh: jax.sharding.Mesh):
     )
 
 
+def flop_counting_mesh() -> jax.sharding.Mesh:
+    """The mesh of one CPU device that :func:`step_flops` compiles for.
+
+    Raises:
+      ValueError: ``JAX_PLATFORMS`` leaves JAX's CPU backend out (``cuda`` alone, say), so no
+        step can be counted; callers ask first, before any timing.
+    """
+    try:
+        return parallel.data_mesh(jax.local_devices(backend="cpu")[:1])
+    except RuntimeError:
+        platforms = os.environ.get("JAX_PLATFORMS", "")
+        raise ValueError(
+            f"JAX_PLATFORMS={platforms!r} leaves out JAX's CPU backend, on which a step's FLOPs "
+            f"are counted: add it (JAX_PLATFORMS={platforms},cpu) or unset JAX_PLATFORMS."
+        ) from None
+
+
 def step_flops(setup: StepSetup) -> float:
     """The FLOPs of one training step of ``setup`` over its whole batch, the same on every
     backend and for every ``conv_impl``.
@@ -196,7 +213,7 @@ def step_flops(setup: StepSetup) -> float:
     XLA:CPU compiles those itself, so it counts them, where the GPU compiler hands them to cuDNN
     as custom calls that its cost analysis leaves out (as oneDNN's kernels are on a CPU).
     """
-    mesh = parallel.data_mesh(jax.local_devices(backend="cpu")[:1])
+    mesh = flop_counting_mesh()
     arguments = compile_check.abstract_step_arguments(
         lambda: _initial_state(setup, XLA_LAYERS),
         mesh,
@@ -232,9 +249,9 @@ def benchmark_step(
             size=(setup.batch, setup.num_small_crops, side, side, setup.channels)
         ).astype(np.float32)
     batch = parallel.host_batch_to_global(host_batch, mesh)
+    flops = step_flops(setup)  # first: it fails fast where JAX_PLATFORMS leaves out the CPU
     key = jax.random.key(1)
     compiled = _jit_step(setup, mesh).lower(state, batch, key).compile()
-    flops = step_flops(setup)
 
     def run_one():
         nonlocal state

@@ -181,8 +181,8 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the check (see the module docstring); returns its JSON record.
 
     Raises:
-      ValueError: JAX has no GPU and ``args.smoke`` is off, or a batch does not split over the
-        devices.
+      ValueError: JAX has no GPU and ``args.smoke`` is off, ``JAX_PLATFORMS`` leaves out the
+        CPU backend that counts the steps' FLOPs, or a batch does not split over the devices.
       FileNotFoundError: Fashion-MNIST's files are missing.
     """
     backend = jax.default_backend()
@@ -191,6 +191,7 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
             f"JAX's backend is {backend!r}, not 'gpu': install jax[cuda12] as the README says "
             "(or pass --smoke for the reduced run on this device)."
         )
+    benchmark.flop_counting_mesh()  # mfu needs it: fail here, not after minutes of timing
     from simclr_jax.data import fashion_mnist_offline  # imports TensorFlow Datasets: only here
 
     fashion_mnist_offline.prepare_fashion_mnist_offline(args.data_dir, args.fashion_mnist_files)

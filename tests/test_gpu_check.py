@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import cli_runs
+import jax
 import pytest
 
-from simclr_jax import gpu_check
+from simclr_jax import benchmark, gpu_check
 from simclr_jax.benchmark import StepSetup
 
 # The check's two timed steps where TensorFlow and TFDS cannot be imported (a GPU image with JAX
@@ -122,4 +123,30 @@ def test_no_gpu_or_no_data_is_one_error_line(tmp_path):
         gpu_check.main(
             ["--smoke", f"--fashion-mnist-files={tmp_path}", f"--data-dir={tmp_path / 'tfds'}"]
         )
+    assert "\n" not in str(info.value.code)
+
+
+@pytest.mark.parametrize(
+    "main, argv",
+    [
+        # Data that is not there: the platforms are named before the data is looked for.
+        (gpu_check.main, ["--smoke", "--fashion-mnist-files=/absent", "--data-dir=/absent/tfds"]),
+        (benchmark.main, ["--width=4", "--image-size=8", "--channels=1", "--batch=8"]),
+    ],
+)
+def test_platforms_without_the_cpu_are_one_error_line_before_any_timing(main, argv, monkeypatch):
+    """Under JAX_PLATFORMS=cuda JAX has no CPU backend, on which the steps' FLOPs are counted:
+    both programs say so in one line before they prepare data or time a step."""
+    local_devices = jax.local_devices
+
+    def devices_without_the_cpu(*args, backend=None, **kwargs):
+        if backend == "cpu":  # what JAX raises for a backend JAX_PLATFORMS leaves out
+            raise RuntimeError("Unknown backend cpu. Available backends are ['cuda']")
+        return local_devices(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(jax, "local_devices", devices_without_the_cpu)
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    expected = r"^error: JAX_PLATFORMS='cuda' leaves out JAX's CPU backend, .*=cuda,cpu\)"
+    with pytest.raises(SystemExit, match=expected) as info:
+        main(argv)
     assert "\n" not in str(info.value.code)
